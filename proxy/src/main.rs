@@ -1,0 +1,173 @@
+//! `tiproxy`: command line, logging, start-up and the shutdown sequence.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use tiproxy::api::{self, ApiState};
+use tiproxy::backend::BackendSet;
+use tiproxy::config::Config;
+use tiproxy::net::tls;
+use tiproxy::server::SqlServer;
+use tiproxy::session::SessionContext;
+
+#[derive(Parser)]
+#[command(
+    name = "tiproxy",
+    version,
+    about = "A MySQL-protocol proxy for TiDB that keeps sessions alive"
+)]
+struct Cli {
+    /// Path of the TOML config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and exit (0 when valid).
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match Config::load(file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match cli
+        .config
+        .as_deref()
+        .map(Config::load)
+        .unwrap_or_else(|| Ok(Config::default()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, cli.config.as_deref())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tiproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    let config = Arc::new(config);
+    let server_tls =
+        tls::server_config(&config.security.server_tls).context("[security.server-tls]")?;
+    let sql_tls = tls::client_config(&config.security.sql_tls).context("[security.sql-tls]")?;
+    let backends = Arc::new(BackendSet::new(&config.proxy.backends));
+    if backends.is_empty() {
+        tracing::warn!("no backends configured: every client will get an error");
+    }
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let ctx = Arc::new(SessionContext::new(
+        config.clone(),
+        server_tls,
+        sql_tls,
+        backends,
+        closing_rx.clone(),
+    ));
+    let server = SqlServer::bind(ctx)
+        .await
+        .with_context(|| format!("cannot listen on proxy.addr {}", config.proxy.addr))?;
+    let api_listener = tokio::net::TcpListener::bind(&config.api.addr)
+        .await
+        .with_context(|| format!("cannot listen on api.addr {}", config.api.addr))?;
+    let ready = Arc::new(AtomicBool::new(true));
+    let api_task = tokio::spawn(api::serve(
+        api_listener,
+        ApiState {
+            ready: ready.clone(),
+        },
+        closing_rx.clone(),
+    ));
+    tracing::info!(
+        addr = %server.local_addr()?,
+        api = %config.api.addr,
+        config = %path.map_or_else(|| "<defaults>".into(), |p| p.display().to_string()),
+        version = env!("CARGO_PKG_VERSION"),
+        "tiproxy started"
+    );
+    let server_task = tokio::spawn(server.run(closing_rx));
+
+    shutdown_signal().await;
+    ready.store(false, Ordering::Relaxed);
+    let wait = Duration::from_secs(config.proxy.graceful_wait_before_shutdown);
+    tracing::info!(
+        ?wait,
+        "shutdown requested; still serving during graceful-wait-before-shutdown"
+    );
+    tokio::time::sleep(wait).await;
+    let _ = closing_tx.send(true);
+    server_task.await.context("SQL server task")?;
+    let _ = api_task.await;
+    tracing::info!("tiproxy stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

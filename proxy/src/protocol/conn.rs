@@ -1,0 +1,280 @@
+//! One leg of a session (client or backend) at the packet level.
+//!
+//! A `PacketConn` owns a read buffer of plain protocol bytes (decompressed when the leg is
+//! compressed) and a write buffer. Buffers are allocated on first use, grow only as far as the
+//! largest packet that must be held whole, and are dropped while the connection is idle, so an
+//! idle session holds no buffer memory at all.
+
+use std::io;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::codec::payload_len;
+use super::compress::{CompressError, Compression};
+use super::MAX_PAYLOAD;
+use crate::net::stream::Stream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+    #[error("packet of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error(transparent)]
+    Malformed(#[from] super::codec::Malformed),
+}
+
+impl ConnError {
+    /// True when the peer simply went away (not worth a warning).
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            ConnError::Closed => true,
+            ConnError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Reads smaller than this much spare room trigger a reserve, to avoid tiny reads.
+const MIN_READ_ROOM: usize = 2048;
+
+pub struct PacketConn {
+    stream: Stream,
+    /// Plain protocol bytes read but not yet consumed.
+    rbuf: BytesMut,
+    /// Compressed bytes read but not yet decoded (compressed legs only).
+    raw: BytesMut,
+    /// Plain bytes waiting to be written.
+    wbuf: BytesMut,
+    compression: Option<Compression>,
+    buffer_size: usize,
+}
+
+impl PacketConn {
+    pub fn new(stream: Stream, buffer_size: usize) -> Self {
+        Self {
+            stream,
+            rbuf: BytesMut::new(),
+            raw: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            compression: None,
+            buffer_size,
+        }
+    }
+
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+
+    /// Takes the stream out, e.g. to upgrade it to TLS. Fails if unconsumed bytes are buffered,
+    /// since they would belong to the encrypted stream.
+    pub fn into_stream(self) -> io::Result<Stream> {
+        if !self.rbuf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unexpected data before the TLS handshake",
+            ));
+        }
+        Ok(self.stream)
+    }
+
+    pub fn set_compression(&mut self, compression: Option<Compression>) {
+        self.compression = compression;
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.compression.is_some()
+    }
+
+    /// Called at the start of every command: compressed sequence numbers restart.
+    pub fn reset_sequence(&mut self) {
+        if let Some(c) = &mut self.compression {
+            c.reset_sequence();
+        }
+    }
+
+    /// Plain bytes buffered and not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.rbuf
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.rbuf.advance(n);
+    }
+
+    /// Reads at least one more plain byte into the read buffer.
+    pub async fn fill(&mut self) -> Result<(), ConnError> {
+        let before = self.rbuf.len();
+        loop {
+            match &mut self.compression {
+                None => {
+                    reserve_room(&mut self.rbuf, self.buffer_size);
+                    if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                        return Err(ConnError::Closed);
+                    }
+                }
+                Some(c) => {
+                    reserve_room(&mut self.raw, self.buffer_size);
+                    if self.stream.read_buf(&mut self.raw).await? == 0 {
+                        return Err(ConnError::Closed);
+                    }
+                    c.decode(&mut self.raw, &mut self.rbuf)?;
+                }
+            }
+            if self.rbuf.len() > before {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Fills until at least `n` plain bytes are buffered.
+    pub async fn fill_to(&mut self, n: usize) -> Result<(), ConnError> {
+        if self.rbuf.len() < n {
+            self.rbuf.reserve(n - self.rbuf.len());
+        }
+        while self.rbuf.len() < n {
+            self.fill().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the peer sends something (or closes), without holding a buffer while
+    /// waiting on a plain socket.
+    pub async fn wait_readable(&mut self) -> Result<(), ConnError> {
+        if !self.rbuf.is_empty() {
+            return Ok(());
+        }
+        if let Stream::Tcp(tcp) = &self.stream {
+            tcp.readable().await?;
+        }
+        self.fill().await
+    }
+
+    /// Reads one logical packet (joining continuation packets) of at most `limit` bytes.
+    /// Returns the sequence number of its last physical packet and the payload.
+    pub async fn read_packet(&mut self, limit: usize) -> Result<(u8, BytesMut), ConnError> {
+        let mut payload = BytesMut::new();
+        loop {
+            self.fill_to(4).await?;
+            let len = payload_len(&self.rbuf);
+            let seq = self.rbuf[3];
+            if payload.len() + len > limit {
+                return Err(ConnError::TooLarge {
+                    size: payload.len() + len,
+                    limit,
+                });
+            }
+            self.fill_to(4 + len).await?;
+            self.rbuf.advance(4);
+            if payload.is_empty() && len < MAX_PAYLOAD {
+                return Ok((seq, self.rbuf.split_to(len)));
+            }
+            payload.extend_from_slice(&self.rbuf[..len]);
+            self.rbuf.advance(len);
+            if len < MAX_PAYLOAD {
+                return Ok((seq, payload));
+            }
+        }
+    }
+
+    /// Queues one logical packet, split into physical packets as needed. Returns the sequence
+    /// number the next packet should use.
+    pub fn queue_packet(&mut self, mut seq: u8, payload: &[u8]) -> u8 {
+        let mut rest = payload;
+        loop {
+            let n = rest.len().min(MAX_PAYLOAD);
+            self.wbuf.reserve(4 + n);
+            self.wbuf.put_uint_le(n as u64, 3);
+            self.wbuf.put_u8(seq);
+            self.wbuf.put_slice(&rest[..n]);
+            seq = seq.wrapping_add(1);
+            rest = &rest[n..];
+            if n < MAX_PAYLOAD {
+                return seq;
+            }
+        }
+    }
+
+    /// Queues one packet and flushes it.
+    pub async fn write_packet(&mut self, seq: u8, payload: &[u8]) -> Result<u8, ConnError> {
+        let next = self.queue_packet(seq, payload);
+        self.flush().await?;
+        Ok(next)
+    }
+
+    /// Sends already-framed plain bytes (forwarded packets). Uncompressed legs with nothing
+    /// queued write straight from the caller's buffer, avoiding a copy.
+    pub async fn send_framed(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        if self.compression.is_none() && self.wbuf.is_empty() {
+            self.stream.write_all(bytes).await?;
+            return Ok(());
+        }
+        self.wbuf.extend_from_slice(bytes);
+        if self.wbuf.len() >= self.buffer_size {
+            self.write_queued().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_queued(&mut self) -> Result<(), ConnError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        match &mut self.compression {
+            None => self.stream.write_all(&self.wbuf).await?,
+            Some(c) => {
+                let mut framed = BytesMut::with_capacity(self.wbuf.len() / 2 + 16);
+                c.encode(&self.wbuf, &mut framed)?;
+                self.stream.write_all(&framed).await?;
+            }
+        }
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Writes everything queued and flushes TLS records.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        self.write_queued().await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Drops buffers that hold nothing, so idle sessions cost no buffer memory.
+    pub fn release_idle_buffers(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        if self.raw.is_empty() && self.raw.capacity() > 0 {
+            self.raw = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+fn reserve_room(buf: &mut BytesMut, buffer_size: usize) {
+    if buf.capacity() - buf.len() < MIN_READ_ROOM {
+        buf.reserve(buffer_size.max(MIN_READ_ROOM));
+    }
+}

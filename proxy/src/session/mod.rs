@@ -1,0 +1,396 @@
+//! One client session: establish it, then relay commands to its backend one at a time,
+//! tracking the server state that decides when the session could safely move elsewhere.
+
+pub mod auth;
+pub mod error;
+pub mod forward;
+pub mod state;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::backend::{BackendLease, BackendSet};
+use crate::config::Config;
+use crate::net::stream::Stream;
+use crate::protocol::capability as cap;
+use crate::protocol::command;
+use crate::protocol::conn::PacketConn;
+use crate::protocol::error_code;
+use crate::protocol::response::ErrPacket;
+use auth::{ClientAddr, Established, Identity};
+pub use error::SessionError;
+use forward::{
+    forward, OnePacket, PrepareFraming, ResultFraming, SinglePacket, Step, UntilEmptyPacket,
+};
+use state::SessionState;
+
+/// What every session shares: configuration, TLS material, the backends.
+pub struct SessionContext {
+    pub config: Arc<Config>,
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    pub sql_tls: Option<Arc<rustls::ClientConfig>>,
+    pub backends: Arc<BackendSet>,
+    /// Becomes true when the proxy starts shutting down.
+    pub closing: watch::Receiver<bool>,
+    server_version: RwLock<Arc<str>>,
+    next_connection_id: AtomicU32,
+}
+
+impl SessionContext {
+    pub fn new(
+        config: Arc<Config>,
+        server_tls: Option<Arc<rustls::ServerConfig>>,
+        sql_tls: Option<Arc<rustls::ClientConfig>>,
+        backends: Arc<BackendSet>,
+        closing: watch::Receiver<bool>,
+    ) -> Self {
+        let version: Arc<str> = config.proxy.server_version.as_str().into();
+        Self {
+            config,
+            server_tls,
+            sql_tls,
+            backends,
+            closing,
+            server_version: RwLock::new(version),
+            next_connection_id: AtomicU32::new(1),
+        }
+    }
+
+    /// The version announced to new clients: the last one a backend announced, so clients see
+    /// the real server's version once any session has connected.
+    pub fn server_version(&self) -> Arc<str> {
+        self.server_version
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn remember_server_version(&self, version: &str) {
+        if *self.server_version() != *version {
+            *self
+                .server_version
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = version.into();
+        }
+    }
+
+    pub fn buffer_size(&self) -> usize {
+        self.config.proxy.buffer_size()
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.proxy.connect_timeout)
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.proxy.handshake_timeout)
+    }
+
+    fn next_connection_id(&self) -> u32 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// An established session relaying commands.
+pub struct Session {
+    client: PacketConn,
+    backend: PacketConn,
+    lease: BackendLease,
+    client_caps: u32,
+    backend_caps: u32,
+    identity: Identity,
+    state: SessionState,
+    closing: watch::Receiver<bool>,
+}
+
+/// Serves one accepted client connection until it ends.
+pub async fn serve(ctx: Arc<SessionContext>, tcp: TcpStream, addr: ClientAddr) {
+    let connection_id = ctx.next_connection_id();
+    let span = tracing::info_span!("session", conn = connection_id, client = %addr.peer);
+    async move {
+        match run(&ctx, tcp, addr, connection_id).await {
+            Ok(()) => tracing::debug!("session closed"),
+            Err(e) if e.is_routine() => tracing::debug!(reason = %e, "session closed"),
+            Err(e) => tracing::warn!(reason = %e, "session closed"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run(
+    ctx: &SessionContext,
+    tcp: TcpStream,
+    mut addr: ClientAddr,
+    connection_id: u32,
+) -> Result<(), SessionError> {
+    let mut client = Some(PacketConn::new(Stream::Tcp(tcp), ctx.buffer_size()));
+    let mut client_seq = 0u8;
+    let established = tokio::time::timeout(
+        ctx.handshake_timeout(),
+        Box::pin(auth::establish(
+            ctx,
+            &mut client,
+            &mut addr,
+            connection_id,
+            &mut client_seq,
+        )),
+    )
+    .await
+    .unwrap_or(Err(SessionError::HandshakeTimeout));
+    let established = match established {
+        Ok(e) => e,
+        Err(e) => {
+            if let (Some(conn), Some(err)) = (client.as_mut(), e.client_error()) {
+                let _ = conn.write_packet(client_seq, &err.encode()).await;
+                conn.shutdown().await;
+            }
+            return Err(e);
+        }
+    };
+    let mut session = Session::new(established, ctx.closing.clone());
+    tracing::debug!(backend = %session.lease.backend().addr, user = %session.identity.user, "session established");
+    let result = Box::pin(session.relay()).await;
+    session.backend.shutdown().await;
+    session.client.shutdown().await;
+    result
+}
+
+impl Session {
+    fn new(e: Established, closing: watch::Receiver<bool>) -> Self {
+        Self {
+            client: e.client,
+            backend: e.backend,
+            lease: e.lease,
+            client_caps: e.client_caps,
+            backend_caps: e.backend_caps,
+            identity: e.identity,
+            state: SessionState::default(),
+            closing,
+        }
+    }
+
+    pub fn state(&self) -> &SessionState {
+        &self.state
+    }
+
+    fn deprecate_eof(&self) -> bool {
+        self.client_caps & cap::DEPRECATE_EOF != 0
+    }
+
+    /// Relays commands until the client quits or a leg fails.
+    async fn relay(&mut self) -> Result<(), SessionError> {
+        loop {
+            self.client.release_idle_buffers();
+            self.backend.release_idle_buffers();
+            self.wait_for_command().await?;
+            self.client.fill_to(5).await.map_err(SessionError::Client)?;
+            let request = self.client.buffered();
+            let len = crate::protocol::codec::payload_len(request);
+            if len == 0 {
+                return Err(SessionError::ClientMalformed(
+                    crate::protocol::codec::Malformed("empty command packet"),
+                ));
+            }
+            let cmd = request[4];
+            self.client.reset_sequence();
+            self.backend.reset_sequence();
+            if cmd == command::QUIT {
+                return Ok(());
+            }
+            self.execute(cmd, len).await?;
+        }
+    }
+
+    /// Waits for the client's next command. Meanwhile the backend must stay silent: if it
+    /// closes, the session is over. When the proxy is shutting down, a session at a safe point
+    /// ends here instead of waiting.
+    async fn wait_for_command(&mut self) -> Result<(), SessionError> {
+        let safe = self.state.is_safe_point();
+        if safe && *self.closing.borrow() {
+            return Err(SessionError::Shutdown);
+        }
+        tokio::select! {
+            r = self.client.wait_readable() => r.map_err(SessionError::Client),
+            r = self.backend.wait_readable() => Err(match r {
+                Ok(()) => SessionError::BackendMalformed(crate::protocol::codec::Malformed(
+                    "unsolicited data from backend",
+                )),
+                Err(e) => SessionError::Backend(e),
+            }),
+            _ = async { let _ = self.closing.wait_for(|c| *c).await; }, if safe => Err(SessionError::Shutdown),
+        }
+    }
+
+    /// Forwards one command and its response.
+    async fn execute(&mut self, cmd: u8, len: usize) -> Result<(), SessionError> {
+        let deprecate_eof = self.deprecate_eof();
+        match cmd {
+            command::CHANGE_USER => return self.change_user().await,
+            command::BINLOG_DUMP | command::BINLOG_DUMP_GTID | command::REGISTER_SLAVE => {
+                return self.refuse_command(cmd).await;
+            }
+            _ => {}
+        }
+        let stmt_id = if matches!(
+            cmd,
+            command::STMT_EXECUTE
+                | command::STMT_FETCH
+                | command::STMT_CLOSE
+                | command::STMT_RESET
+                | command::STMT_SEND_LONG_DATA
+        ) && len >= 5
+        {
+            self.client.fill_to(9).await.map_err(SessionError::Client)?;
+            let b = &self.client.buffered()[5..9];
+            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        } else {
+            None
+        };
+        self.forward_request().await?;
+        match cmd {
+            command::STMT_CLOSE | command::STMT_SEND_LONG_DATA => {
+                // No response; flush so the backend sees the request now.
+                self.backend.flush().await.map_err(SessionError::Backend)?;
+                if let Some(id) = stmt_id {
+                    if cmd == command::STMT_CLOSE {
+                        self.state.on_close_or_reset(id);
+                    } else {
+                        self.state.on_send_long_data(id);
+                    }
+                }
+            }
+            command::QUERY | command::STMT_EXECUTE | command::PROCESS_INFO => {
+                let mut framing = ResultFraming::query(deprecate_eof);
+                self.forward_results(&mut framing).await?;
+                if let Some(s) = framing.last_status {
+                    self.state.set_status(s);
+                }
+                if let (command::STMT_EXECUTE, Some(id)) = (cmd, stmt_id) {
+                    if framing.error.is_none() {
+                        self.state.on_execute(id, framing.last_status);
+                    }
+                }
+            }
+            command::STMT_FETCH | command::FIELD_LIST => {
+                let mut framing = ResultFraming::rows(deprecate_eof);
+                self.forward_results(&mut framing).await?;
+                if let Some(s) = framing.last_status {
+                    self.state.set_status(s);
+                }
+                if let (command::STMT_FETCH, Some(id)) = (cmd, stmt_id) {
+                    self.state.on_fetch(id, framing.last_status);
+                }
+            }
+            command::STMT_PREPARE => {
+                let mut framing = PrepareFraming::new(deprecate_eof);
+                self.forward_response(&mut framing).await?;
+            }
+            _ => {
+                let mut framing = SinglePacket::default();
+                self.forward_response(&mut framing).await?;
+                if let Some(s) = framing.last_status {
+                    self.state.set_status(s);
+                }
+                if framing.error.is_none() {
+                    match (cmd, stmt_id) {
+                        (command::STMT_RESET, Some(id)) => self.state.on_close_or_reset(id),
+                        (command::RESET_CONNECTION, _) => self.state.on_session_reset(),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams the client's request packet (however large) to the backend.
+    async fn forward_request(&mut self) -> Result<(), SessionError> {
+        forward(&mut self.client, &mut self.backend, &mut OnePacket)
+            .await
+            .map_err(SessionError::Client)?;
+        Ok(())
+    }
+
+    async fn forward_response<F: forward::Framing>(
+        &mut self,
+        framing: &mut F,
+    ) -> Result<Step, SessionError> {
+        forward(&mut self.backend, &mut self.client, framing)
+            .await
+            .map_err(SessionError::Backend)
+    }
+
+    /// Forwards a result-bearing response, relaying LOCAL INFILE data when asked.
+    async fn forward_results(&mut self, framing: &mut ResultFraming) -> Result<(), SessionError> {
+        while self.forward_response(framing).await? == Step::LocalInfile {
+            forward(&mut self.client, &mut self.backend, &mut UntilEmptyPacket)
+                .await
+                .map_err(SessionError::Client)?;
+        }
+        Ok(())
+    }
+
+    /// `COM_CHANGE_USER`: re-authenticate through the backend, then adopt the new identity.
+    async fn change_user(&mut self) -> Result<(), SessionError> {
+        let (seq, request) = self
+            .client
+            .read_packet(auth::MAX_HANDSHAKE_PACKET)
+            .await
+            .map_err(SessionError::Client)?;
+        let (original, rewritten) =
+            auth::rewrite_change_user(&request, self.client_caps, self.backend_caps)?;
+        let mut backend_seq = self
+            .backend
+            .write_packet(seq, &rewritten)
+            .await
+            .map_err(SessionError::Backend)?;
+        let mut client_seq = seq.wrapping_add(1);
+        let failed = auth::relay_auth(
+            &mut self.client,
+            &mut self.backend,
+            &mut client_seq,
+            &mut backend_seq,
+        )
+        .await?;
+        if failed.is_none() {
+            self.identity.user = original.user;
+            self.identity.database = original.database;
+            if let Some(c) = original.collation {
+                self.identity.collation = c as u8;
+            }
+            if original.attrs.is_some() {
+                self.identity.attrs = original.attrs;
+            }
+            self.state.on_session_reset();
+        }
+        Ok(())
+    }
+
+    /// Answers a command the proxy cannot frame with an error, after draining its request.
+    async fn refuse_command(&mut self, cmd: u8) -> Result<(), SessionError> {
+        let (seq, _) = self
+            .client
+            .read_packet(auth::MAX_HANDSHAKE_PACKET)
+            .await
+            .map_err(SessionError::Client)?;
+        let err = ErrPacket::new(
+            error_code::UNKNOWN_COM_ERROR,
+            "08S01",
+            format!(
+                "Command {} is not supported through the proxy",
+                command::name(cmd)
+            ),
+        );
+        self.client
+            .write_packet(seq.wrapping_add(1), &err.encode())
+            .await
+            .map_err(SessionError::Client)?;
+        Ok(())
+    }
+}
