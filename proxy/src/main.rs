@@ -124,6 +124,7 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
     let api_listener = tokio::net::TcpListener::bind(&config.api.addr)
         .await
         .with_context(|| format!("cannot listen on api.addr {}", config.api.addr))?;
+    let api_listener_addr = api_listener.local_addr()?;
     let ready = Arc::new(AtomicBool::new(true));
     let api_task = tokio::spawn(api::serve(
         api_listener,
@@ -134,7 +135,7 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
     ));
     tracing::info!(
         addr = %server.local_addr()?,
-        api = %config.api.addr,
+        api = %api_listener_addr,
         config = %path.map_or_else(|| "<defaults>".into(), |p| p.display().to_string()),
         version = env!("CARGO_PKG_VERSION"),
         "tiproxy started"

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use crate::backend::{BackendLease, BackendSet};
 use crate::config::Config;
@@ -111,16 +110,18 @@ pub struct Session {
 /// Serves one accepted client connection until it ends.
 pub async fn serve(ctx: Arc<SessionContext>, tcp: TcpStream, addr: ClientAddr) {
     let connection_id = ctx.next_connection_id();
-    let span = tracing::info_span!("session", conn = connection_id, client = %addr.peer);
-    async move {
-        match run(&ctx, tcp, addr, connection_id).await {
-            Ok(()) => tracing::debug!("session closed"),
-            Err(e) if e.is_routine() => tracing::debug!(reason = %e, "session closed"),
-            Err(e) => tracing::warn!(reason = %e, "session closed"),
+    let peer = addr.peer;
+    // Fields are logged per event rather than through a span: entering a span on every poll
+    // costs more than the forwarding itself.
+    match run(&ctx, tcp, addr, connection_id).await {
+        Ok(()) => tracing::debug!(conn = connection_id, client = %peer, "session closed"),
+        Err(e) if e.is_routine() => {
+            tracing::debug!(conn = connection_id, client = %peer, reason = %e, "session closed")
+        }
+        Err(e) => {
+            tracing::warn!(conn = connection_id, client = %peer, reason = %e, "session closed")
         }
     }
-    .instrument(span)
-    .await
 }
 
 async fn run(
@@ -154,7 +155,12 @@ async fn run(
         }
     };
     let mut session = Session::new(established, ctx.closing.clone());
-    tracing::debug!(backend = %session.lease.backend().addr, user = %session.identity.user, "session established");
+    tracing::debug!(
+        conn = connection_id,
+        backend = %session.lease.backend().addr,
+        user = %session.identity.user,
+        "session established"
+    );
     let result = Box::pin(session.relay()).await;
     session.backend.shutdown().await;
     session.client.shutdown().await;
