@@ -379,3 +379,19 @@ mod tests {
         assert!(c.security.sql_tls.enabled());
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::Config;
+
+    /// The shipped examples must stay valid as the schema evolves.
+    #[test]
+    fn examples_parse() {
+        for text in [
+            include_str!("../../../examples/proxy.toml"),
+            include_str!("../../../examples/minimal.toml"),
+        ] {
+            Config::parse(text).unwrap();
+        }
+    }
+}

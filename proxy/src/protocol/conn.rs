@@ -10,6 +10,7 @@ use std::io;
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::buffer_pool;
 use super::codec::payload_len;
 use super::compress::{CompressError, Compression};
 use super::MAX_PAYLOAD;
@@ -254,16 +255,12 @@ impl PacketConn {
         Ok(())
     }
 
-    /// Drops buffers that hold nothing, so idle sessions cost no buffer memory.
+    /// Gives back buffers that hold nothing, so idle sessions cost no buffer memory.
     pub fn release_idle_buffers(&mut self) {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
-            self.rbuf = BytesMut::new();
-        }
-        if self.raw.is_empty() && self.raw.capacity() > 0 {
-            self.raw = BytesMut::new();
-        }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
-            self.wbuf = BytesMut::new();
+        for buf in [&mut self.rbuf, &mut self.raw, &mut self.wbuf] {
+            if buf.is_empty() && buf.capacity() > 0 {
+                buffer_pool::give(std::mem::take(buf), self.buffer_size);
+            }
         }
     }
 
@@ -274,7 +271,9 @@ impl PacketConn {
 }
 
 fn reserve_room(buf: &mut BytesMut, buffer_size: usize) {
-    if buf.capacity() - buf.len() < MIN_READ_ROOM {
+    if buf.capacity() == 0 {
+        *buf = buffer_pool::take(buffer_size.max(MIN_READ_ROOM));
+    } else if buf.capacity() - buf.len() < MIN_READ_ROOM {
         buf.reserve(buffer_size.max(MIN_READ_ROOM));
     }
 }

@@ -2,6 +2,7 @@
 //! compression, the handshake packets and the few response packets whose contents matter
 //! (OK, ERR, EOF). Everything else is forwarded without being parsed.
 
+pub mod buffer_pool;
 pub mod codec;
 pub mod compress;
 pub mod conn;
