@@ -90,7 +90,10 @@ def env() -> Env:
 
 
 def connect(host: str, port: int, **kw) -> pymysql.connections.Connection:
-    """A PyMySQL connection with the suite's defaults (root, tp_test, utf8mb4, autocommit)."""
+    """A PyMySQL connection with the suite's defaults (root, tp_test, utf8mb4, autocommit).
+
+    PyMySQL >= 1.2 uses TLS whenever the server offers it ("preferred"); the suite wants to know
+    which legs are encrypted, so TLS is off unless `ssl=` is given."""
     args = dict(
         host=host,
         port=port,
@@ -103,6 +106,8 @@ def connect(host: str, port: int, **kw) -> pymysql.connections.Connection:
         read_timeout=60,
         write_timeout=60,
     )
+    if "ssl" not in kw:
+        args["ssl_disabled"] = True
     args.update(kw)
     return pymysql.connect(**args)
 

@@ -231,17 +231,23 @@ impl Framing for ResultFraming {
                     self.error = Some(ErrPacket::parse(payload)?);
                     Step::Done
                 } else if is_result_terminator(first, len) {
-                    let s = if self.deprecate_eof {
-                        ok_status(payload)?
-                    } else {
-                        eof_status(payload)?
-                    };
-                    self.after_status(s)
+                    self.after_status(terminator_status(self.deprecate_eof, payload)?)
                 } else {
                     Step::Continue
                 }
             }
         })
+    }
+}
+
+/// The status of a result-set terminator. Servers differ in whether a given terminator is a
+/// classic EOF or a 0xFE-headed OK (e.g. after `COM_FIELD_LIST`), so the expected form is tried
+/// first and the other one second.
+fn terminator_status(deprecate_eof: bool, payload: &[u8]) -> Result<u16, Malformed> {
+    if deprecate_eof {
+        ok_status(payload).or_else(|_| eof_status(payload))
+    } else {
+        eof_status(payload).or_else(|_| ok_status(payload))
     }
 }
 
