@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -57,6 +56,15 @@ def _split_addr(addr: str) -> Tuple[str, int]:
     if not host or not port.isdigit():
         pytest.fail(f"bad address {addr!r} (expected host:port); {RUN_ALL_HINT}", pytrace=False)
     return host, int(port)
+
+
+def pytest_sessionstart(session):
+    """Refuse to run (exit status 1, one clear message) when the test bed is not described."""
+    missing = [n for n in ("TIPROXY_TEST_TIDB", "TIPROXY_TEST_MARIADB", "TIPROXY_TEST_MARIADB_CA")
+               if not os.environ.get(n, "").strip()]
+    if missing:
+        pytest.exit(f"environment variable(s) {', '.join(missing)} not set; {RUN_ALL_HINT}",
+                    returncode=1)
 
 
 @dataclass(frozen=True)
@@ -291,11 +299,6 @@ def start_proxy(request, env: Env) -> Callable[[str], ProxyProcess]:
 def proxy(start_proxy, backend: Backend) -> ProxyProcess:
     """A proxy whose single backend is `backend`."""
     return start_proxy(base_toml([backend.toml_backend]))
-
-
-@pytest.fixture(scope="session")
-def proxy_toml():
-    return base_toml
 
 
 # ---- tables ------------------------------------------------------------------------------------

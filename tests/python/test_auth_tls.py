@@ -8,7 +8,9 @@ Not covered, because PyMySQL cannot do it:
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 
 import pymysql
 import pytest
@@ -95,6 +97,11 @@ def test_login_errors(backend: Backend, proxy, native_user_on_tidb):
 
 def test_client_tls(backend: Backend, start_proxy):
     proxy = start_proxy(tls_proxy_toml([backend.toml_backend]))
+    # Clients send the TLS ClientHello right after the SSLRequest packet, without waiting: both
+    # may reach the proxy in one read. Several fresh connections make that case likely.
+    for i in range(10):
+        got = login(proxy.host, proxy.port, ssl=no_verify_ctx())
+        assert got == ("ok", "root@%", True), f"TLS login #{i}: {got}"
     tls_conn = proxy.connect(ssl=no_verify_ctx(), max_allowed_packet=64 * 1024 * 1024)
     plain_conn = proxy.connect()
     direct = backend.connect()
@@ -115,6 +122,65 @@ def test_client_tls(backend: Backend, start_proxy):
     finally:
         for c in (tls_conn, plain_conn, direct):
             c.close()
+
+
+def _read_packet(sock) -> bytes:
+    def recv_exact(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise AssertionError(f"proxy closed the connection (got {buf!r})")
+            buf += chunk
+        return buf
+
+    header = recv_exact(4)
+    return recv_exact(int.from_bytes(header[:3], "little"))
+
+
+def test_tls_client_hello_in_same_segment_as_ssl_request(env: Env, start_proxy):
+    """A client may send its TLS ClientHello right behind the SSLRequest packet (there is no
+    server reply in between); the proxy must feed those already-read bytes to TLS. Sent here in
+    ONE write, so the case is deterministic rather than timing-dependent."""
+    host, port = env.mariadb
+    proxy = start_proxy(tls_proxy_toml([f'"{host}:{port}"']))
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    try:
+        greeting = _read_packet(sock)
+        assert greeting[0] == 10, f"not a v10 greeting: {greeting[:16]!r}"
+        caps = 0x1 | 0x200 | 0x800 | 0x8000 | 0x80000  # LONG_PASSWORD PROTOCOL_41 SSL SECURE PLUGIN_AUTH
+        payload = struct.pack("<IIB23s", caps, 1 << 24, 45, b"")
+        ssl_request = len(payload).to_bytes(3, "little") + b"\x01" + payload
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = no_verify_ctx().wrap_bio(incoming, outgoing, server_side=False)
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        client_hello = outgoing.read()
+        assert client_hello, "no ClientHello produced"
+        sock.sendall(ssl_request + client_hello)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                out = outgoing.read()
+                if out:
+                    sock.sendall(out)
+                data = sock.recv(65536)
+                if not data:
+                    raise AssertionError(
+                        "proxy closed the connection during the TLS handshake") from None
+                incoming.write(data)
+        out = outgoing.read()
+        if out:
+            sock.sendall(out)
+        assert tls.version() and tls.version().startswith("TLS"), tls.version()
+    finally:
+        sock.close()
+    # and an ordinary TLS login still works
+    assert login(proxy.host, proxy.port, ssl=no_verify_ctx()) == ("ok", "root@%", True)
 
 
 @pytest.mark.parametrize("sql_tls", ["skip-ca", "ca"])
@@ -152,15 +218,18 @@ def sha2_user(tidb_prepared: Env) -> Env:
                             f"IDENTIFIED WITH caching_sha2_password BY '{SHA2_PW}'")
                 cur.execute(f"ALTER USER '{SHA2_USER}'@'%' "
                             f"IDENTIFIED WITH caching_sha2_password BY '{SHA2_PW}'")
+                cur.execute(f"GRANT ALL PRIVILEGES ON tp_test.* TO '{SHA2_USER}'@'%'")
         finally:
             c.close()
     return tidb_prepared
 
 
 def test_tidb_caching_sha2_plain(sha2_user: Env, start_proxy):
-    """caching_sha2_password over plain TCP: PyMySQL asks for the server's RSA public key
-    (needs `cryptography`). Whatever TiDB answers directly, the proxy must give the same
-    outcome, for every TiDB of the list and for the fast-auth retry (second login)."""
+    """caching_sha2_password over plain TCP: after TiDB's "full auth needed", PyMySQL asks for
+    the server's RSA public key (needs `cryptography`). TiDB (v8.5) implements no RSA exchange:
+    it takes the request byte 0x02 as the cleartext password and answers 1045, so a direct
+    login fails. The proxy relays auth and must give exactly the direct outcome, for every TiDB
+    of the list and on repeated logins."""
     env = sha2_user
     proxy = start_proxy(base_toml([tidb_backend_toml(h, p) for h, p in env.tidb]))
     direct = {login(h, p, user=SHA2_USER, password=SHA2_PW)[:2] for h, p in env.tidb}

@@ -132,6 +132,7 @@ user=root
 skip-name-resolve
 local-infile=1
 max-allowed-packet=64M
+performance-schema=ON
 ssl-ca=$SSLDIR/ca.pem
 ssl-cert=$SSLDIR/server-cert.pem
 ssl-key=$SSLDIR/server-key.pem

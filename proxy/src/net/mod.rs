@@ -3,5 +3,6 @@
 
 pub mod keepalive;
 pub mod proxy_protocol;
+pub mod rewind;
 pub mod stream;
 pub mod tls;

@@ -9,10 +9,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
+use super::rewind::Rewind;
+
 pub enum Stream {
     Tcp(TcpStream),
     /// The proxy is the TLS server (client leg).
-    ServerTls(Box<server::TlsStream<TcpStream>>),
+    ServerTls(Box<server::TlsStream<Rewind<TcpStream>>>),
     /// The proxy is the TLS client (backend leg).
     ClientTls(Box<client::TlsStream<TcpStream>>),
 }
@@ -21,7 +23,7 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp(s) => s,
-            Stream::ServerTls(s) => s.get_ref().0,
+            Stream::ServerTls(s) => s.get_ref().0.inner(),
             Stream::ClientTls(s) => s.get_ref().0,
         }
     }
@@ -30,11 +32,18 @@ impl Stream {
         !matches!(self, Stream::Tcp(_))
     }
 
-    /// Upgrades a plain stream to TLS as the server side.
-    pub async fn accept_tls(self, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
+    /// Upgrades a plain stream to TLS as the server side. `early` holds bytes already read
+    /// from the socket that belong to the TLS handshake.
+    pub async fn accept_tls(
+        self,
+        config: Arc<rustls::ServerConfig>,
+        early: bytes::Bytes,
+    ) -> io::Result<Stream> {
         match self {
             Stream::Tcp(tcp) => Ok(Stream::ServerTls(Box::new(
-                TlsAcceptor::from(config).accept(tcp).await?,
+                TlsAcceptor::from(config)
+                    .accept(Rewind::new(early, tcp))
+                    .await?,
             ))),
             _ => Err(io::Error::other("stream is already TLS")),
         }

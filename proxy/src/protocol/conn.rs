@@ -82,16 +82,10 @@ impl PacketConn {
         self.stream.is_tls()
     }
 
-    /// Takes the stream out, e.g. to upgrade it to TLS. Fails if unconsumed bytes are buffered,
-    /// since they would belong to the encrypted stream.
-    pub fn into_stream(self) -> io::Result<Stream> {
-        if !self.rbuf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "unexpected data before the TLS handshake",
-            ));
-        }
-        Ok(self.stream)
+    /// Takes the stream out, e.g. to upgrade it to TLS, with any bytes already read from it
+    /// and not consumed.
+    pub fn into_parts(self) -> (Stream, bytes::Bytes) {
+        (self.stream, self.rbuf.freeze())
     }
 
     pub fn set_compression(&mut self, compression: Option<Compression>) {

@@ -105,9 +105,9 @@ pub async fn establish(
         let plain = client
             .take()
             .ok_or(SessionError::Internal("client leg missing"))?;
-        let stream = plain.into_stream().map_err(SessionError::ClientTls)?;
+        let (stream, early) = plain.into_parts();
         let stream = stream
-            .accept_tls(tls)
+            .accept_tls(tls, early)
             .await
             .map_err(SessionError::ClientTls)?;
         let conn = client.insert(PacketConn::new(stream, ctx.buffer_size()));
@@ -288,7 +288,12 @@ async fn start_backend_tls(
         .map_err(SessionError::Backend)?;
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let stream = backend.into_stream().map_err(SessionError::BackendIo)?;
+    let (stream, early) = backend.into_parts();
+    if !early.is_empty() {
+        return Err(SessionError::BackendMalformed(
+            crate::protocol::codec::Malformed("backend sent data before the TLS handshake"),
+        ));
+    }
     let stream = stream
         .connect_tls(config, crate::net::tls::server_name(host))
         .await
