@@ -324,7 +324,11 @@ pub async fn query_sets(
             Err(e) => return (sets, Some(e)),
         }
     }
-    (sets, None)
+    // An error after the first result set is kept pending by mysql_async; this surfaces it.
+    match result.drop_result().await {
+        Ok(()) => (sets, None),
+        Err(e) => (sets, Some(e)),
+    }
 }
 
 // ---- the proxy process ----------------------------------------------------------------------

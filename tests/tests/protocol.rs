@@ -35,7 +35,7 @@ async fn create_types_table(conn: &mut Conn, backend: &Backend, table: &str) {
     for (id, values, json) in [
         (
             1,
-            "1, -8, 1600, -32000, 9000000000, 18446744073709551615, 12345.678901, 1.5, \
+            "-8, 1600, -32000, 9000000000, 18446744073709551615, 12345.678901, 1.5, \
              -2.25e100, 'héllo 😀', REPEAT('t', 300), x'00ff10', x'deadbeef', \
              '2024-02-29', '2024-02-29 23:59:58.123456', '2001-02-03 04:05:06', \
              '-838:59:59.000', 2024, 'green', 'a,c', b'10100101'",
@@ -44,12 +44,12 @@ async fn create_types_table(conn: &mut Conn, backend: &Backend, table: &str) {
         (
             2,
             "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-             NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL",
+             NULL, NULL, NULL, NULL, NULL, NULL, NULL",
             "NULL",
         ),
         (
             3,
-            "-128, 127, -32768, 2147483647, -9223372036854775808, 0, -0.000001, 0, 0, '', '', \
+            "-128, -32768, 2147483647, -9223372036854775808, 0, -0.000001, 0, 0, '', '', \
              x'', x'', '1000-01-01', '9999-12-31 23:59:59.999999', NULL, '00:00:00.001', \
              1901, 'red', '', b'0'",
             "'[]'",
@@ -88,8 +88,8 @@ async fn text_and_binary_results_match_direct() {
             "{}: text protocol rows differ",
             backend.name()
         );
-        assert_eq!(p_text[0][10], Value::Bytes("héllo 😀".as_bytes().to_vec()));
-        assert_eq!(p_text[0][6], Value::Bytes(b"18446744073709551615".to_vec()));
+        assert_eq!(p_text[0][9], Value::Bytes("héllo 😀".as_bytes().to_vec()));
+        assert_eq!(p_text[0][5], Value::Bytes(b"18446744073709551615".to_vec()));
         assert!(
             p_text[1][1..].iter().all(|v| *v == Value::NULL),
             "row 2 is all NULL"
@@ -107,19 +107,19 @@ async fn text_and_binary_results_match_direct() {
         );
         assert_eq!(p_bin.len(), 3);
         assert_eq!(p_bin[0][0], Value::Int(1));
-        assert_eq!(p_bin[0][6], Value::UInt(u64::MAX));
-        assert_eq!(p_bin[2][5], Value::Int(i64::MIN));
+        assert_eq!(p_bin[0][5], Value::UInt(u64::MAX));
+        assert_eq!(p_bin[2][4], Value::Int(i64::MIN));
         assert_eq!(
-            p_bin[0][14],
+            p_bin[0][13],
             Value::Date(2024, 2, 29, 0, 0, 0, 0),
             "{}: DATE in binary protocol",
             backend.name()
         );
-        assert_eq!(p_bin[0][15], Value::Date(2024, 2, 29, 23, 59, 58, 123456));
-        assert_eq!(p_bin[0][17], Value::Time(true, 34, 22, 59, 59, 0));
+        assert_eq!(p_bin[0][14], Value::Date(2024, 2, 29, 23, 59, 58, 123456));
+        assert_eq!(p_bin[0][16], Value::Time(true, 34, 22, 59, 59, 0));
         assert!(p_bin[1][1..].iter().all(|v| *v == Value::NULL));
         if backend.is_tidb() {
-            let json = match &p_bin[0][22] {
+            let json = match &p_bin[0][21] {
                 Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
                 other => panic!("JSON column: {other:?}"),
             };
@@ -139,16 +139,19 @@ async fn multi_statements_match_direct() {
         let mut direct = backend.connect_root().await;
         let mut proxied = proxy.connect_root(&backend).await;
 
-        let sql = "SELECT 1; SELECT 2, 3; DO 1";
+        let sql = "SELECT 1; DO 1; SELECT 2, 3; DO 1";
         let (d_sets, d_err) = query_sets(&mut direct, sql).await;
         let (p_sets, p_err) = query_sets(&mut proxied, sql).await;
         assert!(d_err.is_none(), "direct: {d_err:?}");
         assert!(p_err.is_none(), "{}: proxied: {p_err:?}", backend.name());
         assert_eq!(d_sets, p_sets, "{}", backend.name());
         let b = |s: &str| Value::Bytes(s.as_bytes().to_vec());
+        // mysql_async reports a statement without a result set as an empty set, except at
+        // the very end; only the sets with rows are pinned here.
+        let with_rows: Vec<_> = p_sets.iter().filter(|s| !s.is_empty()).cloned().collect();
         assert_eq!(
-            p_sets,
-            vec![vec![vec![b("1")]], vec![vec![b("2"), b("3")]], vec![]],
+            with_rows,
+            vec![vec![vec![b("1")]], vec![vec![b("2"), b("3")]]],
             "{}: result sets",
             backend.name()
         );
@@ -386,40 +389,53 @@ async fn large_packets_round_trip() {
         let mut proxied = proxy.connect_root(&backend).await;
         let name = backend.name();
 
-        // 20 MiB through a prepared-statement parameter, into a row and back.
-        if backend.is_tidb() {
-            // TiDB's default txn-entry-size-limit (6 MiB) would refuse a 20 MiB row.
-            proxied
-                .query_drop("SET SESSION tidb_txn_entry_size_limit = 125829120")
+        // 20 MiB as a prepared-statement parameter (mysql_async sends it with
+        // COM_STMT_SEND_LONG_DATA packets larger than 16 MiB) echoed back in a binary row.
+        for (label, conn) in [("direct", &mut direct), ("proxied", &mut proxied)] {
+            let echo: Option<(i64, Vec<u8>)> = conn
+                .exec_first("SELECT LENGTH(?), ?", (&blob, &blob))
+                .await
+                .unwrap_or_else(|e| panic!("{name} {label}: echo 20 MiB parameter: {e}"));
+            let (len, echo) = echo.expect("one row");
+            assert_eq!(len as usize, MIB20, "{name} {label}: LENGTH(?)");
+            assert_eq!(echo.len(), MIB20, "{name} {label}: echoed length");
+            assert_eq!(fnv1a(&echo), blob_sum, "{name} {label}: echoed checksum");
+        }
+
+        // Into a row and back. Not on TiDB: its test bed's unistore engine panics on a 20 MiB
+        // value (lockstore arena index out of range), taking the server down.
+        let table = unique_name("blob");
+        if !backend.is_tidb() {
+            direct
+                .query_drop(format!(
+                    "CREATE TABLE {table} (id INT PRIMARY KEY, b LONGBLOB)"
+                ))
                 .await
                 .unwrap();
-        }
-        let table = unique_name("blob");
-        direct
-            .query_drop(format!(
-                "CREATE TABLE {table} (id INT PRIMARY KEY, b LONGBLOB)"
-            ))
-            .await
-            .unwrap();
-        proxied
-            .exec_drop(format!("INSERT INTO {table} VALUES (?, ?)"), (1, &blob))
-            .await
-            .unwrap_or_else(|e| panic!("{name}: insert 20 MiB through the proxy: {e}"));
-        for (label, conn) in [("direct", &mut direct), ("proxied", &mut proxied)] {
-            let text: Option<Vec<u8>> = conn
-                .query_first(format!("SELECT b FROM {table} WHERE id = 1"))
+            proxied
+                .exec_drop(format!("INSERT INTO {table} VALUES (?, ?)"), (1, &blob))
                 .await
-                .unwrap_or_else(|e| panic!("{name} {label}: text select: {e}"));
-            let text = text.expect("row 1");
-            assert_eq!(text.len(), MIB20, "{name} {label}: text length");
-            assert_eq!(fnv1a(&text), blob_sum, "{name} {label}: text checksum");
-            let bin: Option<Vec<u8>> = conn
-                .exec_first(format!("SELECT b FROM {table} WHERE id = ?"), (1,))
+                .unwrap_or_else(|e| panic!("{name}: insert 20 MiB through the proxy: {e}"));
+            for (label, conn) in [("direct", &mut direct), ("proxied", &mut proxied)] {
+                let text: Option<Vec<u8>> = conn
+                    .query_first(format!("SELECT b FROM {table} WHERE id = 1"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{name} {label}: text select: {e}"));
+                let text = text.expect("row 1");
+                assert_eq!(text.len(), MIB20, "{name} {label}: text length");
+                assert_eq!(fnv1a(&text), blob_sum, "{name} {label}: text checksum");
+                let bin: Option<Vec<u8>> = conn
+                    .exec_first(format!("SELECT b FROM {table} WHERE id = ?"), (1,))
+                    .await
+                    .unwrap_or_else(|e| panic!("{name} {label}: binary select: {e}"));
+                let bin = bin.expect("row 1");
+                assert_eq!(bin.len(), MIB20, "{name} {label}: binary length");
+                assert_eq!(fnv1a(&bin), blob_sum, "{name} {label}: binary checksum");
+            }
+            direct
+                .query_drop(format!("DROP TABLE {table}"))
                 .await
-                .unwrap_or_else(|e| panic!("{name} {label}: binary select: {e}"));
-            let bin = bin.expect("row 1");
-            assert_eq!(bin.len(), MIB20, "{name} {label}: binary length");
-            assert_eq!(fnv1a(&bin), blob_sum, "{name} {label}: binary checksum");
+                .unwrap();
         }
 
         // A 20 MiB result value and a 20 MiB query literal (text protocol).
@@ -456,10 +472,6 @@ async fn large_packets_round_trip() {
 
         let v: Option<i64> = proxied.query_first("SELECT 1").await.unwrap();
         assert_eq!(v, Some(1), "{name}: session usable afterwards");
-        direct
-            .query_drop(format!("DROP TABLE {table}"))
-            .await
-            .unwrap();
     }
 }
 

@@ -74,6 +74,10 @@ impl PacketConn {
         }
     }
 
+    pub fn buffer_size(&self) -> usize {
+        self.buffer_size
+    }
+
     pub fn stream(&self) -> &Stream {
         &self.stream
     }

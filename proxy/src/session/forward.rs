@@ -51,56 +51,53 @@ pub async fn forward<F: Framing>(
     let mut continuation = false;
     let mut pending = Step::Continue;
     loop {
-        if src.buffered().len() < scanned + 4 {
-            send_scanned(src, dst, &mut scanned).await?;
-            src.fill().await?;
-            continue;
-        }
-        let len = payload_len(&src.buffered()[scanned..]);
-        let mut streamed = false;
-        if continuation {
-            streamed = true;
-        } else {
-            if len > 0 && src.buffered().len() < scanned + 5 {
+        if src.buffered().len() < scanned + 5 {
+            // Not even a header and a first byte: send what is scanned and read on. (An
+            // empty packet, the only one shorter than 5 bytes, is then handled below.)
+            let header_only =
+                src.buffered().len() >= scanned + 4 && payload_len(&src.buffered()[scanned..]) == 0;
+            if !header_only {
                 send_scanned(src, dst, &mut scanned).await?;
                 src.fill().await?;
                 continue;
             }
-            let first = (len > 0).then(|| src.buffered()[scanned + 4]);
-            if framing.needs_payload(first, len) {
-                if len > MAX_INSPECTED_PACKET {
-                    return Err(Malformed("response packet too large to be a status packet").into());
-                }
-                if src.buffered().len() < scanned + 4 + len {
-                    send_scanned(src, dst, &mut scanned).await?;
-                    src.fill_to(4 + len).await?;
-                    continue;
-                }
-                let payload = &src.buffered()[scanned + 4..scanned + 4 + len];
-                pending = framing.on_packet(first, len, payload)?;
-                scanned += 4 + len;
-            } else {
-                pending = framing.on_packet(first, len, &[])?;
-                streamed = true;
-            }
         }
-        if streamed {
-            let total = 4 + len;
-            let available = src.buffered().len() - scanned;
-            if available >= total {
-                scanned += total;
+        let len = payload_len(&src.buffered()[scanned..]);
+        let total = 4 + len;
+        let available = src.buffered().len() - scanned;
+        let first = (len > 0 && !continuation).then(|| src.buffered()[scanned + 4]);
+        let needs_payload = !continuation && framing.needs_payload(first, len);
+        if needs_payload && len > MAX_INSPECTED_PACKET {
+            return Err(Malformed("response packet too large to be a status packet").into());
+        }
+        // A packet that fits in the buffer is only handled once it is whole, so every write
+        // carries whole packets and a packet split across reads costs no extra write.
+        if available < total && (needs_payload || total <= src.buffer_size()) {
+            send_scanned(src, dst, &mut scanned).await?;
+            src.fill_to(total).await?;
+            continue;
+        }
+        if !continuation {
+            let payload: &[u8] = if needs_payload {
+                &src.buffered()[scanned + 4..scanned + total]
             } else {
-                // Stream the rest of a packet bigger than what is buffered.
-                scanned = src.buffered().len();
-                send_scanned(src, dst, &mut scanned).await?;
-                let mut remaining = total - available;
-                while remaining > 0 {
-                    src.fill().await?;
-                    let n = remaining.min(src.buffered().len());
-                    dst.send_framed(&src.buffered()[..n]).await?;
-                    src.consume(n);
-                    remaining -= n;
-                }
+                &[]
+            };
+            pending = framing.on_packet(first, len, payload)?;
+        }
+        if available >= total {
+            scanned += total;
+        } else {
+            // A packet bigger than the buffer streams through in buffer-sized pieces.
+            scanned = src.buffered().len();
+            send_scanned(src, dst, &mut scanned).await?;
+            let mut remaining = total - available;
+            while remaining > 0 {
+                src.fill().await?;
+                let n = remaining.min(src.buffered().len());
+                dst.send_framed(&src.buffered()[..n]).await?;
+                src.consume(n);
+                remaining -= n;
             }
         }
         continuation = len == MAX_PAYLOAD;
