@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use tiproxy::api::{self, ApiState};
-use tiproxy::backend::BackendSet;
+use tiproxy::backend::{run_balancer, BackendSpec, BalanceConfig, Registry, Source};
 use tiproxy::config::Config;
 use tiproxy::net::tls;
 use tiproxy::server::SqlServer;
@@ -106,16 +106,37 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
     let server_tls =
         tls::server_config(&config.security.server_tls).context("[security.server-tls]")?;
     let sql_tls = tls::client_config(&config.security.sql_tls).context("[security.sql-tls]")?;
-    let backends = Arc::new(BackendSet::new(&config.proxy.backends));
-    if backends.is_empty() {
-        tracing::warn!("no backends configured: every client will get an error");
+    let registry = Registry::new();
+    let static_backends: Vec<BackendSpec> = config
+        .proxy
+        .backends
+        .iter()
+        .map(|b| BackendSpec {
+            status_addr: b.status_addr.clone(),
+            ..BackendSpec::new(b.addr.clone())
+        })
+        .collect();
+    registry.apply(Source::Static, &static_backends);
+    if config.proxy.backends.is_empty() && config.proxy.pd_endpoints().is_empty() {
+        tracing::warn!(
+            "no static backends and no pd-addrs: backends must be pushed to /api/v1/backends"
+        );
     }
+    let balance = balance_config(&config);
+    // `stopping` ends background tasks at exit; `closing` tells sessions to finish.
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let (closing_tx, closing_rx) = watch::channel(false);
+    tokio::spawn(run_balancer(
+        registry.clone(),
+        balance.clone(),
+        stopping_rx.clone(),
+    ));
     let ctx = Arc::new(SessionContext::new(
         config.clone(),
         server_tls,
         sql_tls,
-        backends,
+        registry.clone(),
+        balance,
         closing_rx.clone(),
     ));
     let server = SqlServer::bind(ctx)
@@ -130,8 +151,9 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
         api_listener,
         ApiState {
             ready: ready.clone(),
+            registry: registry.clone(),
         },
-        closing_rx.clone(),
+        stopping_rx.clone(),
     ));
     tracing::info!(
         addr = %server.local_addr()?,
@@ -152,9 +174,22 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
     tokio::time::sleep(wait).await;
     let _ = closing_tx.send(true);
     server_task.await.context("SQL server task")?;
+    let _ = stopping_tx.send(true);
     let _ = api_task.await;
     tracing::info!("tiproxy stopped");
     Ok(())
+}
+
+fn balance_config(config: &Config) -> BalanceConfig {
+    let b = &config.balance;
+    BalanceConfig {
+        label_name: (!b.label_name.is_empty()).then(|| b.label_name.clone()),
+        labels: config.labels.clone(),
+        status_drain_seconds: b.status_drain_seconds,
+        conn_ratio: b.conn_count_ratio_threshold,
+        conn_migrations_per_second: b.conn_migrations_per_second,
+        ..BalanceConfig::default()
+    }
 }
 
 async fn shutdown_signal() {

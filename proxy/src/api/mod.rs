@@ -1,5 +1,7 @@
-//! The HTTP admin API (axum): liveness, readiness and Prometheus metrics. It reads shared state
-//! handles only; the data path never calls into it.
+//! The HTTP admin API (axum): liveness, readiness, Prometheus metrics and the backend list.
+//! It works on shared state handles only; the data path never calls into it.
+
+mod backends;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use crate::metrics;
 pub struct ApiState {
     /// False once shutdown has begun: load balancers should stop sending new clients.
     pub ready: Arc<AtomicBool>,
+    pub registry: Arc<crate::backend::Registry>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -27,6 +30,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route(
+            "/api/v1/backends",
+            get(backends::get_backends).put(backends::put_backends),
+        )
         .with_state(state)
 }
 

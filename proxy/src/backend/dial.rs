@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-use super::{Backend, BackendLease, BackendSet};
+use super::{route, Backend, BalanceConfig, Registry};
 
 #[derive(Debug, Clone, Copy)]
 pub struct DialPolicy {
@@ -32,25 +32,26 @@ impl DialPolicy {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    #[error("no backend is configured")]
+    #[error("no healthy backend is available")]
     NoBackends,
     #[error("no backend is reachable (last error from {addr}: {reason})")]
     Unreachable { addr: String, reason: String },
 }
 
-/// Connects to the least-loaded reachable backend. A backend that fails is skipped until every
+/// Connects to the best reachable backend. A backend that fails is skipped until every
 /// backend has failed once; then all are tried again after a backoff.
 pub async fn dial_any(
-    set: &BackendSet,
+    registry: &Registry,
+    balance: &BalanceConfig,
     policy: DialPolicy,
-) -> Result<(BackendLease, TcpStream), DialError> {
+) -> Result<(Arc<Backend>, TcpStream), DialError> {
     let deadline = Instant::now() + policy.total_timeout;
     let mut backoff = policy.initial_backoff;
     let mut failed: Vec<Arc<Backend>> = Vec::new();
     let mut last_error: Option<(String, String)> = None;
     loop {
-        let lease = match set.pick(&failed) {
-            Some(lease) => lease,
+        let backend = match route(registry, balance, &failed) {
+            Some(backend) => backend,
             None if failed.is_empty() => return Err(DialError::NoBackends),
             None => {
                 let now = Instant::now();
@@ -68,14 +69,14 @@ pub async fn dial_any(
             break;
         }
         let attempt = policy.attempt_timeout.min(remaining);
-        let addr = lease.backend().addr.clone();
+        let addr = backend.addr.clone();
         match timeout(attempt, TcpStream::connect(&addr)).await {
-            Ok(Ok(stream)) => return Ok((lease, stream)),
+            Ok(Ok(stream)) => return Ok((backend, stream)),
             Ok(Err(e)) => last_error = Some((addr, e.to_string())),
             Err(_) => last_error = Some((addr, format!("connect timed out after {attempt:?}"))),
         }
-        tracing::debug!(backend = %lease.backend().addr, "backend dial failed");
-        failed.push(lease.backend().clone());
+        tracing::debug!(backend = %backend.addr, "backend dial failed");
+        failed.push(backend);
     }
     let (addr, reason) = last_error.unwrap_or_else(|| ("-".into(), "deadline passed".into()));
     Err(DialError::Unreachable { addr, reason })
@@ -84,7 +85,14 @@ pub async fn dial_any(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BackendAddr;
+    use crate::backend::{BackendSpec, Source};
+
+    fn registry(addrs: &[String]) -> Arc<Registry> {
+        let r = Registry::new();
+        let specs: Vec<_> = addrs.iter().map(|a| BackendSpec::new(a.clone())).collect();
+        r.apply(Source::Static, &specs);
+        r
+    }
 
     #[tokio::test]
     async fn skips_dead_backend() {
@@ -92,14 +100,15 @@ mod tests {
         let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead_addr = dead.local_addr().unwrap();
         drop(dead);
-        let set = BackendSet::new(&[
-            BackendAddr::new(dead_addr.to_string()),
-            BackendAddr::new(live.local_addr().unwrap().to_string()),
+        let r = registry(&[
+            dead_addr.to_string(),
+            live.local_addr().unwrap().to_string(),
         ]);
-        let (lease, _s) = dial_any(&set, DialPolicy::new(Duration::from_secs(5)))
+        let cfg = BalanceConfig::default();
+        let (backend, _s) = dial_any(&r, &cfg, DialPolicy::new(Duration::from_secs(5)))
             .await
             .unwrap();
-        assert_eq!(lease.backend().addr, live.local_addr().unwrap().to_string());
+        assert_eq!(backend.addr, live.local_addr().unwrap().to_string());
     }
 
     #[tokio::test]
@@ -107,14 +116,15 @@ mod tests {
         let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = dead.local_addr().unwrap().to_string();
         drop(dead);
-        let set = BackendSet::new(&[BackendAddr::new(addr.clone())]);
-        let err = dial_any(&set, DialPolicy::new(Duration::from_millis(500)))
+        let r = registry(std::slice::from_ref(&addr));
+        let cfg = BalanceConfig::default();
+        let err = dial_any(&r, &cfg, DialPolicy::new(Duration::from_millis(500)))
             .await
             .unwrap_err();
         assert!(err.to_string().contains(&addr), "{err}");
-        let empty = BackendSet::new(&[]);
+        let empty = registry(&[]);
         assert!(matches!(
-            dial_any(&empty, DialPolicy::new(Duration::from_secs(1))).await,
+            dial_any(&empty, &cfg, DialPolicy::new(Duration::from_secs(1))).await,
             Err(DialError::NoBackends)
         ));
     }

@@ -1,8 +1,12 @@
-//! Where sessions connect: the set of known backends, the choice of one for a new session, and
-//! dialling it with retries.
+//! Where sessions connect: the registry of known backends (merged from every discovery
+//! source, with health and sessions), the balancing policy, and dialling with retries.
 
+pub mod balance;
 mod dial;
-mod set;
+pub mod registry;
 
+pub use balance::{route, run_balancer, BalanceConfig};
 pub use dial::{dial_any, DialError, DialPolicy};
-pub use set::{Backend, BackendLease, BackendSet};
+pub use registry::{
+    AdminState, Backend, BackendInfo, BackendSpec, Control, Health, Registry, SessionLease, Source,
+};

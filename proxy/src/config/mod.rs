@@ -20,6 +20,58 @@ pub struct Config {
     pub api: ApiConfig,
     pub security: SecurityConfig,
     pub log: LogConfig,
+    pub balance: BalanceSection,
+    pub health: HealthSection,
+    /// The proxy's own labels; `zone` makes backends in the same zone preferred.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BalanceSection {
+    /// Keep sessions on backends whose value of this label equals the proxy's (`[labels]`).
+    pub label_name: String,
+    /// Seconds within which every session leaves a draining or unhealthy backend.
+    pub status_drain_seconds: f64,
+    /// Session-count imbalance tolerated before sessions move (must be > 1).
+    pub conn_count_ratio_threshold: f64,
+    /// Sessions per second moved for connection-count balance; 0 = the built-in formula.
+    pub conn_migrations_per_second: f64,
+}
+
+impl Default for BalanceSection {
+    fn default() -> Self {
+        Self {
+            label_name: String::new(),
+            status_drain_seconds: 5.0,
+            conn_count_ratio_threshold: 1.2,
+            conn_migrations_per_second: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HealthSection {
+    /// Seconds between health probes of each backend.
+    pub interval: f64,
+    /// Seconds each probe (status port, SQL port) may take.
+    pub timeout: f64,
+    /// Consecutive slow probes before a backend counts as unhealthy.
+    pub slow_probes_to_unhealthy: u32,
+    /// Consecutive good probes before an unhealthy backend takes sessions again.
+    pub successes_to_recover: u32,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self {
+            interval: 3.0,
+            timeout: 2.0,
+            slow_probes_to_unhealthy: 3,
+            successes_to_recover: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -45,6 +97,8 @@ pub struct ProxyConfig {
     pub connect_timeout: u64,
     /// The server version announced to clients before any backend has been seen.
     pub server_version: String,
+    /// PD (etcd) endpoints to discover TiDB servers from, comma-separated; empty = off.
+    pub pd_addrs: String,
 }
 
 impl Default for ProxyConfig {
@@ -60,6 +114,7 @@ impl Default for ProxyConfig {
             handshake_timeout: 15,
             connect_timeout: 15,
             server_version: "8.0.11-TiDB-v8.5.0".into(),
+            pd_addrs: String::new(),
         }
     }
 }
@@ -78,6 +133,15 @@ impl ProxyConfig {
 
     pub fn send_proxy_protocol(&self) -> bool {
         self.proxy_protocol == "v2"
+    }
+
+    pub fn pd_endpoints(&self) -> Vec<String> {
+        self.pd_addrs
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -175,6 +239,11 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
+/// `value > min`, false for NaN.
+fn greater(value: f64, min: f64) -> bool {
+    value.partial_cmp(&min) == Some(std::cmp::Ordering::Greater)
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -251,6 +320,35 @@ impl Config {
             return Err(invalid(
                 "proxy.server-version",
                 "must be non-empty and contain no NUL byte",
+            ));
+        }
+        let b = &self.balance;
+        if !greater(b.conn_count_ratio_threshold, 1.0) {
+            return Err(invalid(
+                "balance.conn-count-ratio-threshold",
+                "must be greater than 1",
+            ));
+        }
+        if !greater(b.status_drain_seconds, 0.0) {
+            return Err(invalid("balance.status-drain-seconds", "must be positive"));
+        }
+        if b.conn_migrations_per_second < 0.0 {
+            return Err(invalid(
+                "balance.conn-migrations-per-second",
+                "must not be negative",
+            ));
+        }
+        let h = &self.health;
+        if !greater(h.interval, 0.099) || !greater(h.timeout, 0.099) {
+            return Err(invalid(
+                "health",
+                "interval and timeout must be at least 0.1 seconds",
+            ));
+        }
+        if h.slow_probes_to_unhealthy == 0 || h.successes_to_recover == 0 {
+            return Err(invalid(
+                "health",
+                "slow-probes-to-unhealthy and successes-to-recover must be at least 1",
             ));
         }
         let s = &self.security;

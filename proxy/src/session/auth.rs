@@ -8,7 +8,9 @@ use bytes::Bytes;
 
 use super::error::SessionError;
 use super::SessionContext;
-use crate::backend::{dial_any, BackendLease, DialPolicy};
+use tokio::sync::mpsc;
+
+use crate::backend::{dial_any, Control, DialPolicy, SessionLease};
 use crate::net::keepalive;
 use crate::net::proxy_protocol::{self, Decoded, ProxyHeader};
 use crate::net::stream::Stream;
@@ -34,6 +36,7 @@ pub struct Identity {
     pub collation: u8,
     pub attrs: Option<Bytes>,
     pub zstd_level: Option<u8>,
+    pub max_packet_size: u32,
 }
 
 /// Where the client really is: the socket peer, unless a PROXY header said otherwise.
@@ -54,7 +57,8 @@ impl ClientAddr {
 pub struct Established {
     pub client: PacketConn,
     pub backend: PacketConn,
-    pub lease: BackendLease,
+    pub lease: SessionLease,
+    pub control: mpsc::Receiver<Control>,
     /// Capabilities in force on the client leg.
     pub client_caps: u32,
     /// Capabilities in force on the backend leg.
@@ -123,7 +127,7 @@ pub async fn establish(
     let response = HandshakeResponse::parse(&payload).map_err(SessionError::ClientMalformed)?;
     let client_caps = response.capability & greeting.capability;
 
-    let (lease, mut backend, backend_greeting) = connect_backend(ctx, addr).await?;
+    let (lease, control, mut backend, backend_greeting) = connect_backend(ctx, addr).await?;
     if client_caps & cap::DEPRECATE_EOF != 0
         && backend_greeting.capability & cap::DEPRECATE_EOF == 0
     {
@@ -138,6 +142,7 @@ pub async fn establish(
         collation: response.collation,
         attrs: response.attrs.clone(),
         zstd_level: response.zstd_level,
+        max_packet_size: response.max_packet_size,
     };
     let mut backend_response = HandshakeResponse {
         capability: (client_caps | cap::PLUGIN_AUTH) & backend_greeting.capability & !cap::SSL,
@@ -190,6 +195,7 @@ pub async fn establish(
         client: client_conn,
         backend,
         lease,
+        control,
         client_caps,
         backend_caps,
         identity,
@@ -214,15 +220,28 @@ async fn read_proxy_header(
     }
 }
 
-/// Dials a backend (retrying others) and reads its greeting.
+/// Dials the best backend (retrying others), counts the session against it and reads its
+/// greeting.
 async fn connect_backend(
     ctx: &SessionContext,
     addr: &ClientAddr,
-) -> Result<(BackendLease, PacketConn, Greeting), SessionError> {
+) -> Result<(SessionLease, mpsc::Receiver<Control>, PacketConn, Greeting), SessionError> {
     let policy = DialPolicy::new(ctx.connect_timeout());
-    let (lease, tcp) = dial_any(&ctx.backends, policy)
+    let (backend, tcp) = dial_any(&ctx.registry, &ctx.balance, policy)
         .await
         .map_err(SessionError::NoBackend)?;
+    let (lease, control) = ctx.registry.register(backend);
+    let (conn, greeting) = open_backend(ctx, tcp, addr).await?;
+    Ok((lease, control, conn, greeting))
+}
+
+/// Starts the protocol on a fresh backend socket: the PROXY header when configured, then the
+/// backend's greeting (an ERR greeting is returned as `BackendRefused`).
+pub(super) async fn open_backend(
+    ctx: &SessionContext,
+    tcp: tokio::net::TcpStream,
+    addr: &ClientAddr,
+) -> Result<(PacketConn, Greeting), SessionError> {
     if let Err(e) = keepalive::apply(&tcp, &keepalive::Keepalive::BACKEND_HEALTHY) {
         tracing::debug!(error = %e, "cannot set backend keepalive");
     }
@@ -251,7 +270,7 @@ async fn connect_backend(
         return Err(SessionError::BackendRefused(err));
     }
     let greeting = Greeting::parse(&payload).map_err(SessionError::BackendMalformed)?;
-    Ok((lease, conn, greeting))
+    Ok((conn, greeting))
 }
 
 /// TLS goes to the backend when the client itself used TLS (so a cleartext password a plugin
@@ -273,7 +292,7 @@ fn backend_tls(
     Ok(client_tls && offered && ctx.sql_tls.is_some())
 }
 
-async fn start_backend_tls(
+pub(super) async fn start_backend_tls(
     ctx: &SessionContext,
     mut backend: PacketConn,
     response: &HandshakeResponse,
@@ -360,7 +379,7 @@ pub fn rewrite_change_user(
 }
 
 /// The compression a leg uses after authentication, from the capabilities in force on it.
-fn compression_for(caps: u32, zstd_level: Option<u8>) -> Option<Compression> {
+pub(super) fn compression_for(caps: u32, zstd_level: Option<u8>) -> Option<Compression> {
     if caps & cap::COMPRESS != 0 {
         Some(Compression::new(Algorithm::Zlib))
     } else if caps & cap::ZSTD_COMPRESSION_ALGORITHM != 0 {

@@ -33,6 +33,10 @@ pub enum SessionError {
     NoBackend(DialError),
     #[error("authentication failed: {0}")]
     AuthFailed(ErrPacket),
+    #[error("backend connection lost: {0}")]
+    BackendLost(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
     #[error("handshake timed out")]
     HandshakeTimeout,
     #[error("proxy is shutting down")]
@@ -63,6 +67,8 @@ impl SessionError {
                 (error_code::BACKEND_UNAVAILABLE, "HY000", (*m).to_string())
             }
             SessionError::Backend(_)
+            | SessionError::BackendLost(_)
+            | SessionError::Migration(_)
             | SessionError::BackendIo(_)
             | SessionError::BackendMalformed(_)
             | SessionError::BackendTls(_) => (

@@ -1,20 +1,24 @@
 //! One client session: establish it, then relay commands to its backend one at a time,
-//! tracking the server state that decides when the session could safely move elsewhere.
+//! tracking the server state that decides when the session can safely move to another backend,
+//! and moving it there when the balancer asks.
 
 pub mod auth;
 pub mod error;
 pub mod forward;
+pub mod migrate;
+pub mod query;
 pub mod state;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::backend::{BackendLease, BackendSet};
+use crate::backend::{Backend, BalanceConfig, Control, Registry, SessionLease};
 use crate::config::Config;
+use crate::metrics;
 use crate::net::stream::Stream;
 use crate::protocol::capability as cap;
 use crate::protocol::command;
@@ -26,6 +30,7 @@ pub use error::SessionError;
 use forward::{
     forward, OnePacket, PrepareFraming, ResultFraming, SinglePacket, Step, UntilEmptyPacket,
 };
+use migrate::{MigrateError, MigrationInput};
 use state::SessionState;
 
 /// What every session shares: configuration, TLS material, the backends.
@@ -33,8 +38,9 @@ pub struct SessionContext {
     pub config: Arc<Config>,
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     pub sql_tls: Option<Arc<rustls::ClientConfig>>,
-    pub backends: Arc<BackendSet>,
-    /// Becomes true when the proxy starts shutting down.
+    pub registry: Arc<Registry>,
+    pub balance: BalanceConfig,
+    /// Becomes true when the proxy starts closing sessions (after the graceful wait).
     pub closing: watch::Receiver<bool>,
     server_version: RwLock<Arc<str>>,
     next_connection_id: AtomicU32,
@@ -45,7 +51,8 @@ impl SessionContext {
         config: Arc<Config>,
         server_tls: Option<Arc<rustls::ServerConfig>>,
         sql_tls: Option<Arc<rustls::ClientConfig>>,
-        backends: Arc<BackendSet>,
+        registry: Arc<Registry>,
+        balance: BalanceConfig,
         closing: watch::Receiver<bool>,
     ) -> Self {
         let version: Arc<str> = config.proxy.server_version.as_str().into();
@@ -53,7 +60,8 @@ impl SessionContext {
             config,
             server_tls,
             sql_tls,
-            backends,
+            registry,
+            balance,
             closing,
             server_version: RwLock::new(version),
             next_connection_id: AtomicU32::new(1),
@@ -95,11 +103,23 @@ impl SessionContext {
     }
 }
 
+/// A migration the balancer asked for and the session has not carried out yet.
+struct PendingMigration {
+    target: Arc<Backend>,
+    reason: &'static str,
+    requested: Instant,
+}
+
 /// An established session relaying commands.
-pub struct Session {
+pub struct Session<'a> {
+    ctx: &'a SessionContext,
+    connection_id: u32,
     client: PacketConn,
     backend: PacketConn,
-    lease: BackendLease,
+    lease: SessionLease,
+    control: mpsc::Receiver<Control>,
+    pending: Option<PendingMigration>,
+    addr: ClientAddr,
     client_caps: u32,
     backend_caps: u32,
     identity: Identity,
@@ -154,7 +174,7 @@ async fn run(
             return Err(e);
         }
     };
-    let mut session = Session::new(established, ctx.closing.clone());
+    let mut session = Session::new(ctx, connection_id, established, addr);
     tracing::debug!(
         conn = connection_id,
         backend = %session.lease.backend().addr,
@@ -167,22 +187,23 @@ async fn run(
     result
 }
 
-impl Session {
-    fn new(e: Established, closing: watch::Receiver<bool>) -> Self {
+impl<'a> Session<'a> {
+    fn new(ctx: &'a SessionContext, connection_id: u32, e: Established, addr: ClientAddr) -> Self {
         Self {
+            ctx,
+            connection_id,
             client: e.client,
             backend: e.backend,
             lease: e.lease,
+            control: e.control,
+            pending: None,
+            addr,
             client_caps: e.client_caps,
             backend_caps: e.backend_caps,
             identity: e.identity,
             state: SessionState::default(),
-            closing,
+            closing: ctx.closing.clone(),
         }
-    }
-
-    pub fn state(&self) -> &SessionState {
-        &self.state
     }
 
     fn deprecate_eof(&self) -> bool {
@@ -209,27 +230,171 @@ impl Session {
             if cmd == command::QUIT {
                 return Ok(());
             }
-            self.execute(cmd, len).await?;
+            let started = Instant::now();
+            if !(cmd == command::QUERY && self.hold_begin(len).await?) {
+                self.execute(cmd, len).await?;
+            }
+            self.record_query(cmd, started);
+            self.migrate_if_due().await?;
         }
     }
 
+    fn record_query(&self, cmd: u8, started: Instant) {
+        let backend = self.lease.backend().addr.as_str();
+        let m = metrics::get();
+        let labels = [backend, command::name(cmd)];
+        m.queries.with_label_values(&labels).inc();
+        m.query_duration
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// Waits for the client's next command. Meanwhile the backend must stay silent: if it
-    /// closes, the session is over. When the proxy is shutting down, a session at a safe point
-    /// ends here instead of waiting.
+    /// closes, the session is over. Migration requests are taken (and carried out, since an
+    /// idle session is at a safe point unless a transaction or cursor is open). When the proxy
+    /// is shutting down, a session at a safe point ends here instead of waiting.
     async fn wait_for_command(&mut self) -> Result<(), SessionError> {
-        let safe = self.state.is_safe_point();
-        if safe && *self.closing.borrow() {
-            return Err(SessionError::Shutdown);
+        loop {
+            let safe = self.state.is_safe_point();
+            if safe && *self.closing.borrow() {
+                return Err(SessionError::Shutdown);
+            }
+            tokio::select! {
+                r = self.client.wait_readable() => return r.map_err(SessionError::Client),
+                r = self.backend.wait_readable() => {
+                    return Err(match r {
+                        Ok(()) => SessionError::BackendMalformed(
+                            crate::protocol::codec::Malformed("unsolicited data from backend"),
+                        ),
+                        Err(e) => SessionError::Backend(e),
+                    })
+                }
+                Some(control) = self.control.recv() => {
+                    self.take_control(control);
+                    self.migrate_if_due().await?;
+                }
+                _ = async { let _ = self.closing.wait_for(|c| *c).await; }, if safe => {
+                    return Err(SessionError::Shutdown)
+                }
+            }
         }
-        tokio::select! {
-            r = self.client.wait_readable() => r.map_err(SessionError::Client),
-            r = self.backend.wait_readable() => Err(match r {
-                Ok(()) => SessionError::BackendMalformed(crate::protocol::codec::Malformed(
-                    "unsolicited data from backend",
-                )),
-                Err(e) => SessionError::Backend(e),
-            }),
-            _ = async { let _ = self.closing.wait_for(|c| *c).await; }, if safe => Err(SessionError::Shutdown),
+    }
+
+    fn take_control(&mut self, control: Control) {
+        match control {
+            Control::Migrate { target, reason } => {
+                self.pending = Some(PendingMigration {
+                    target,
+                    reason,
+                    requested: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Carries out a pending migration if the session is at a safe point.
+    async fn migrate_if_due(&mut self) -> Result<(), SessionError> {
+        if self.pending.is_none() || !self.state.is_safe_point() {
+            return Ok(());
+        }
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let from = self.lease.backend().addr.clone();
+        let to = pending.target.addr.clone();
+        let m = metrics::get();
+        // The target may have gone bad since the request.
+        let info = pending.target.info();
+        if !info.routable() || Arc::ptr_eq(&pending.target, self.lease.backend()) {
+            self.lease.migration_abandoned();
+            return Ok(());
+        }
+        let input = MigrationInput {
+            identity: &self.identity,
+            client_addr: &self.addr,
+            backend_caps: self.backend_caps,
+            tls: self.backend.is_tls(),
+        };
+        let result = migrate::migrate(self.ctx, &mut self.backend, &input, &pending.target).await;
+        let elapsed = pending.requested.elapsed().as_secs_f64();
+        let outcome = if result.is_ok() { "succeed" } else { "fail" };
+        m.migrations
+            .with_label_values(&[from.as_str(), to.as_str(), pending.reason, outcome])
+            .inc();
+        m.migration_duration
+            .with_label_values(&[from.as_str(), to.as_str(), outcome])
+            .observe(elapsed);
+        match result {
+            Ok((conn, database)) => {
+                let old = std::mem::replace(&mut self.backend, conn);
+                let mut old = old;
+                old.shutdown().await;
+                self.identity.database = database;
+                self.lease.move_to(pending.target);
+                tracing::debug!(conn = self.connection_id, %from, %to, reason = pending.reason, "session migrated");
+                Ok(())
+            }
+            Err(MigrateError::OldBackendLost(reason)) => {
+                self.lease.migration_failed(None);
+                Err(SessionError::BackendLost(reason))
+            }
+            Err(e) => {
+                let blocked = matches!(e, MigrateError::Refused(_) | MigrateError::NoToken);
+                if blocked {
+                    m.migrate_blocked
+                        .with_label_values(&[e.cause().as_str()])
+                        .inc();
+                }
+                tracing::info!(conn = self.connection_id, %from, %to, reason = %e, "session stays: migration failed");
+                self.lease.migration_failed(blocked.then(|| e.to_string()));
+                Ok(())
+            }
+        }
+    }
+
+    /// The reference's "hold BEGIN": a session asked to move but inside a transaction that the
+    /// application never commits explicitly would never reach a safe point. When such a session
+    /// sends `BEGIN`/`START TRANSACTION` (which implicitly commits), the proxy commits on the old
+    /// backend itself, moves the session, then sends the `BEGIN` to the new backend. Returns
+    /// whether the command was fully handled here.
+    async fn hold_begin(&mut self, len: usize) -> Result<bool, SessionError> {
+        if self.pending.is_none()
+            || !self.state.in_transaction()
+            || self.state.has_pending_statements()
+        {
+            return Ok(false);
+        }
+        let peek = len.min(256);
+        self.client
+            .fill_to(4 + peek)
+            .await
+            .map_err(SessionError::Client)?;
+        if !query::starts_transaction(&self.client.buffered()[5..4 + peek]) {
+            return Ok(false);
+        }
+        let deprecate_eof = self.backend_caps & cap::DEPRECATE_EOF != 0;
+        match query::run_query(&mut self.backend, "COMMIT", deprecate_eof).await {
+            Ok(result) => {
+                self.state.set_status(result.status);
+                self.migrate_if_due().await?;
+                self.client.reset_sequence();
+                self.backend.reset_sequence();
+                Ok(false)
+            }
+            Err(query::QueryError::Server(err)) => {
+                // The client sees COMMIT's failure as its BEGIN's failure.
+                let (seq, _) = self
+                    .client
+                    .read_packet(auth::MAX_HANDSHAKE_PACKET)
+                    .await
+                    .map_err(SessionError::Client)?;
+                self.client
+                    .write_packet(seq.wrapping_add(1), &err.encode())
+                    .await
+                    .map_err(SessionError::Client)?;
+                Ok(true)
+            }
+            Err(query::QueryError::Conn(e)) => Err(SessionError::Backend(e)),
         }
     }
 

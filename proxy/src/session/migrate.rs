@@ -1,0 +1,174 @@
+//! Moving a session to another TiDB at a safe point: export the session with
+//! `SHOW SESSION_STATES`, log in to the target with the signed session token (auth plugin
+//! `tidb_session_token`), replay the state with `SET SESSION_STATES`. Any failure leaves the
+//! session on its old backend, except a dead old backend, which ends the session.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::auth::{compression_for, open_backend, start_backend_tls, ClientAddr, Identity};
+use super::query::{quote, run_query, QueryError};
+use super::{SessionContext, SessionError};
+use crate::backend::Backend;
+use crate::protocol::capability as cap;
+use crate::protocol::conn::PacketConn;
+use crate::protocol::handshake::{HandshakeResponse, SESSION_TOKEN_PLUGIN};
+use crate::protocol::header;
+use crate::protocol::response::ErrPacket;
+
+/// Time allowed for the TCP connect to the target (one attempt: a failed migration is simply
+/// retried later).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time allowed for the whole exchange with the target.
+const TARGET_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The old backend is gone: the session cannot continue anywhere.
+    #[error("old backend lost while exporting the session: {0}")]
+    OldBackendLost(String),
+    /// The old backend refused to export the session (ERROR 8146: temporary tables, locks...).
+    #[error("backend refused to export the session: {0}")]
+    Refused(ErrPacket),
+    #[error("backend returned no session token (is security.session-token-signing-cert set?)")]
+    NoToken,
+    #[error("target {addr}: {reason}")]
+    Target { addr: String, reason: String },
+}
+
+impl MigrateError {
+    /// A short, stable cause for metrics.
+    pub fn cause(&self) -> String {
+        match self {
+            MigrateError::OldBackendLost(_) => "old backend lost".into(),
+            MigrateError::Refused(e) => e
+                .message
+                .strip_prefix("cannot migrate the current session: ")
+                .unwrap_or(&e.message)
+                .chars()
+                .take(64)
+                .collect(),
+            MigrateError::NoToken => "no session token".into(),
+            MigrateError::Target { .. } => "target failed".into(),
+        }
+    }
+}
+
+/// What the session needs to know about itself to log in elsewhere.
+pub struct MigrationInput<'a> {
+    pub identity: &'a Identity,
+    pub client_addr: &'a ClientAddr,
+    /// Capabilities in force on the current backend leg (reused for the new one).
+    pub backend_caps: u32,
+    /// Whether the current backend leg uses TLS (the new one will too).
+    pub tls: bool,
+}
+
+/// Exports the session from `old` and restores it on `target`. Returns the new backend leg
+/// and the current database the session had.
+pub async fn migrate(
+    ctx: &SessionContext,
+    old: &mut PacketConn,
+    input: &MigrationInput<'_>,
+    target: &Backend,
+) -> Result<(PacketConn, Option<String>), MigrateError> {
+    let deprecate_eof = input.backend_caps & cap::DEPRECATE_EOF != 0;
+    let states = match run_query(old, "SHOW SESSION_STATES", deprecate_eof).await {
+        Ok(r) => r,
+        Err(QueryError::Server(e)) => return Err(MigrateError::Refused(e)),
+        Err(QueryError::Conn(e)) => return Err(MigrateError::OldBackendLost(e.to_string())),
+    };
+    let state_json = states.first("Session_states").unwrap_or_default().to_vec();
+    let token = match states.first("Session_token") {
+        Some(t) if !t.is_empty() => Bytes::copy_from_slice(t),
+        _ => return Err(MigrateError::NoToken),
+    };
+    let database = serde_json::from_slice::<serde_json::Value>(&state_json)
+        .ok()
+        .and_then(|v| {
+            v.get("current-db")
+                .and_then(|d| d.as_str())
+                .map(str::to_owned)
+        })
+        .filter(|d| !d.is_empty());
+    let target_err = |reason: String| MigrateError::Target {
+        addr: target.addr.clone(),
+        reason,
+    };
+    let login = async {
+        let tcp = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(&target.addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut conn, greeting) = open_backend(ctx, tcp, input.client_addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        if input.backend_caps & cap::DEPRECATE_EOF != 0
+            && greeting.capability & cap::DEPRECATE_EOF == 0
+        {
+            return Err("target does not support CLIENT_DEPRECATE_EOF".to_string());
+        }
+        let mut response = HandshakeResponse {
+            capability: input.backend_caps & !cap::SSL,
+            max_packet_size: input.identity.max_packet_size,
+            collation: input.identity.collation,
+            user: input.identity.user.clone(),
+            auth_data: token,
+            database: database.clone(),
+            auth_plugin: SESSION_TOKEN_PLUGIN.into(),
+            attrs: input.identity.attrs.clone(),
+            zstd_level: input.identity.zstd_level,
+        };
+        let mut seq = 1;
+        if input.tls {
+            response.capability |= cap::SSL;
+            conn = start_backend_tls(ctx, conn, &response, &target.addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            seq = 2;
+        }
+        conn.write_packet(seq, &response.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_, reply) = conn
+            .read_packet(super::auth::MAX_HANDSHAKE_PACKET)
+            .await
+            .map_err(|e| e.to_string())?;
+        match reply.first().copied() {
+            Some(header::OK) => {}
+            Some(header::ERR) => {
+                let e = ErrPacket::parse(&reply).map_err(|e| e.to_string())?;
+                return Err(format!("token login refused: {e}"));
+            }
+            _ => return Err("unexpected reply to the token login".to_string()),
+        }
+        conn.set_compression(compression_for(
+            response.capability,
+            input.identity.zstd_level,
+        ));
+        let sql = format!(
+            "SET SESSION_STATES {}",
+            quote(&String::from_utf8_lossy(&state_json))
+        );
+        match run_query(&mut conn, &sql, deprecate_eof).await {
+            Ok(_) => Ok(conn),
+            Err(QueryError::Server(e)) => Err(format!("SET SESSION_STATES failed: {e}")),
+            Err(QueryError::Conn(e)) => Err(format!("SET SESSION_STATES: {e}")),
+        }
+    };
+    let conn = tokio::time::timeout(TARGET_TIMEOUT, login)
+        .await
+        .map_err(|_| target_err("timed out".into()))?
+        .map_err(target_err)?;
+    Ok((conn, database))
+}
+
+impl From<MigrateError> for SessionError {
+    fn from(e: MigrateError) -> Self {
+        match e {
+            MigrateError::OldBackendLost(reason) => SessionError::BackendLost(reason),
+            other => SessionError::Migration(other.to_string()),
+        }
+    }
+}
