@@ -91,13 +91,13 @@ pub async fn get_backends(State(state): State<ApiState>) -> Json<BackendsView> {
     })
 }
 
-pub async fn put_backends(
-    State(state): State<ApiState>,
-    body: Result<Json<Snapshot>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(snapshot) = match body {
-        Ok(b) => b,
-        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
+pub async fn put_backends(State(state): State<ApiState>, body: axum::body::Bytes) -> Response {
+    // Parsed by hand so that a client that omits the JSON content type is still understood.
+    let snapshot: Snapshot = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("invalid snapshot: {e}")).into_response()
+        }
     };
     if let Some(bad) = snapshot
         .backends
