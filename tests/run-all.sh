@@ -163,7 +163,7 @@ build_tidb() {
 
 run_cargo_tests() {
   # shellcheck disable=SC2086  # CARGO_TEST_ARGS is split on purpose
-  cargo test --workspace ${CARGO_TEST_ARGS:-}
+  cargo test --workspace --no-fail-fast ${CARGO_TEST_ARGS:-}
 }
 
 run_pytest() {

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod discovery;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

@@ -10,6 +10,7 @@ set -euo pipefail
 
 PROG=$(basename "$0")
 APT_PKGS=(mariadb-server mariadb-client etcd-server etcd-client haproxy sysbench openssl
+          protobuf-compiler libprotobuf-dev
           python3-pip curl procps)
 PY_MODS=(pytest pymysql cryptography)   # pip names; import names are the same
 

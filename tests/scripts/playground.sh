@@ -3,8 +3,13 @@
 # sharing one session-token signing cert) behind one tiproxy.
 #
 #   playground.sh [up] [--tidb N]   build what is missing, start everything, print how to connect
+#   playground.sh scale-out         start one more TiDB and add it to the proxy
+#   playground.sh scale-in [i]      gracefully stop TiDB i (default: the newest); its sessions move
+#   playground.sh status            backends as the proxy sees them, with their sessions
 #   playground.sh down              stop the proxy and every TiDB
-#   playground.sh status            show what is running
+#
+# The proxy learns its backends from the playground through PUT /api/v1/backends, the same API
+# the Kubernetes operator uses.
 #
 # State lives in ./.playground (ignored by git).
 set -euo pipefail
@@ -23,23 +28,41 @@ die() { echo "playground: $*" >&2; exit 1; }
 proxy_pid() { [[ -f "$DIR/proxy.pid" ]] && kill -0 "$(cat "$DIR/proxy.pid")" 2>/dev/null && cat "$DIR/proxy.pid"; }
 
 write_proxy_config() {
-  local n=$1 backends="" i
-  for ((i = FIRST; i < FIRST + n; i++)); do
-    backends+="${backends:+, }{ addr = \"127.0.0.$((10 + i)):4000\", status-addr = \"127.0.0.$((10 + i)):10080\" }"
-  done
   cat > "$DIR/proxy.toml" <<TOML
-# Written by tests/scripts/playground.sh
+# Written by tests/scripts/playground.sh; backends are pushed to the API.
 [proxy]
 addr = "$PROXY_ADDR"
-backends = [$backends]
 graceful-wait-before-shutdown = 0
 
 [api]
 addr = "$API_ADDR"
 
+[health]
+interval = 1.0
+
 [log]
 level = "info"
 TOML
+}
+
+# Instance numbers of the running TiDB servers.
+running_tidbs() {
+  local f
+  for f in "$DIR"/tidb/tidb-*.pid; do
+    [[ -e $f ]] || continue
+    f=${f##*/tidb-}; f=${f%.pid}
+    kill -0 "$(cat "$DIR/tidb/tidb-$f.pid")" 2>/dev/null && echo "$f"
+  done | sort -n
+}
+
+# Pushes the running TiDB servers to the proxy (generation = time in ms, always rising).
+push_backends() {
+  local list="" i
+  for i in $(running_tidbs); do
+    list+="${list:+,}{\"addr\":\"127.0.0.$((10 + i)):4000\",\"status-addr\":\"127.0.0.$((10 + i)):10080\"}"
+  done
+  curl -fsS -X PUT "http://$API_ADDR/api/v1/backends" \
+    -d "{\"generation\":$(date +%s%3N),\"backends\":[$list]}" > /dev/null
 }
 
 up() {
@@ -58,7 +81,7 @@ up() {
   bash "$SCRIPTS/build-tidb.sh" > /dev/null
   bash "$SCRIPTS/tidb.sh" start "$n" --first "$FIRST" --dir "$DIR/tidb"
   trap 'echo "playground: start failed, stopping what was started" >&2; down >&2' ERR
-  write_proxy_config "$n"
+  write_proxy_config
   "$ROOT/target/release/tiproxy" --config "$DIR/proxy.toml" > "$DIR/proxy.log" 2>&1 &
   echo $! > "$DIR/proxy.pid"
   for _ in $(seq 50); do
@@ -67,6 +90,7 @@ up() {
     sleep 0.1
   done
   grep -q "tiproxy started" "$DIR/proxy.log" || { down >&2; die "tiproxy did not start; see $DIR/proxy.log"; }
+  push_backends
   trap - ERR
   cat <<MSG
 
@@ -90,17 +114,53 @@ down() {
   echo "playground: stopped"
 }
 
-status() {
-  if pid=$(proxy_pid); then echo "tiproxy pid=$pid addr=$PROXY_ADDR api=$API_ADDR"; else echo "tiproxy stopped"; fi
-  [[ -d "$DIR/tidb" ]] && bash "$SCRIPTS/tidb.sh" status --dir "$DIR/tidb" || true
+scale_out() {
+  [[ -n "$(proxy_pid || true)" ]] || die "not running (playground.sh up first)"
+  local last next
+  last=$(running_tidbs | tail -1)
+  next=$(( ${last:-$((FIRST - 1))} + 1 ))
+  bash "$SCRIPTS/tidb.sh" start 1 --first "$next" --dir "$DIR/tidb"
+  push_backends
+  echo "playground: TiDB $next added; sessions rebalance onto it"
 }
+
+scale_in() {
+  [[ -n "$(proxy_pid || true)" ]] || die "not running (playground.sh up first)"
+  local victim=${1:-$(running_tidbs | tail -1)}
+  [[ -n "$victim" ]] || die "no TiDB running"
+  [[ $(running_tidbs | wc -l) -gt 1 ]] || die "refusing to stop the last TiDB"
+  echo "playground: stopping TiDB $victim gracefully; the proxy moves its sessions while it drains" >&2
+  bash "$SCRIPTS/tidb.sh" stop "$victim" --graceful --dir "$DIR/tidb"
+  push_backends
+  echo "playground: TiDB $victim removed"
+}
+
+status() {
+  if [[ -z "$(proxy_pid || true)" ]]; then
+    echo "tiproxy stopped"
+  else
+    echo "tiproxy pid=$(proxy_pid) addr=$PROXY_ADDR api=$API_ADDR"
+    curl -fsS "http://$API_ADDR/api/v1/backends" | python3 -c '
+import json, sys
+view = json.load(sys.stdin)
+for b in view["backends"]:
+    health = b["health"]["state"] + (": " + b["health"]["reason"] if "reason" in b["health"] else "")
+    print(f"{b[\"addr\"]:22} {b[\"state\"]:9} {health:40} sessions={b[\"sessions\"]}")
+    for s in b["blocked-sessions"]:
+        print(f"    session {s[\"id\"]} cannot move: {s[\"reason\"]}")
+'
+  fi
+}
+
 
 cmd=${1:-up}
 [[ $# -gt 0 ]] && shift
 case $cmd in
   up) up "$@" ;;
+  scale-out) scale_out ;;
+  scale-in) scale_in "$@" ;;
   down) down ;;
   status) status ;;
-  -h|--help|help) sed -n '2,10p' "$0" ;;
-  *) die "unknown command $cmd (up, down, status)" ;;
+  -h|--help|help) sed -n '2,14p' "$0" ;;
+  *) die "unknown command $cmd (up, scale-out, scale-in, status, down)" ;;
 esac

@@ -724,6 +724,34 @@ pub fn run_proxy_bin(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A plain HTTP/1.1 GET (for the proxy's API): (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        Ok((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| std::io::Error::other("HTTP request timed out"))?
+}
+
 // ---- the mysql command-line client -----------------------------------------------------------
 
 /// Runs Debian's `mysql` client (MariaDB's) with `--no-defaults` and `args`, with a 60 s limit:
@@ -882,6 +910,8 @@ pub mod raw {
         pub database: Option<String>,
         /// Ask for CLIENT_DEPRECATE_EOF.
         pub deprecate_eof: bool,
+        /// Ask for CLIENT_MULTI_STATEMENTS.
+        pub multi_statements: bool,
     }
 
     impl ConnectOptions {
@@ -976,6 +1006,9 @@ pub mod raw {
                 | CLIENT_PLUGIN_AUTH;
             if opts.deprecate_eof {
                 caps |= CLIENT_DEPRECATE_EOF;
+            }
+            if opts.multi_statements {
+                caps |= CLIENT_MULTI_STATEMENTS;
             }
             if opts.database.is_some() {
                 caps |= CLIENT_CONNECT_WITH_DB;
@@ -1199,6 +1232,73 @@ pub mod raw {
             let mut p = vec![0x19];
             p.extend_from_slice(&id.to_le_bytes());
             self.command(&p).await
+        }
+
+        /// Sends one command packet and returns the single packet that answers it (for
+        /// commands such as COM_STATISTICS, COM_SET_OPTION, COM_INIT_DB).
+        pub async fn simple_command(&mut self, payload: &[u8]) -> Res<Vec<u8>> {
+            self.command(payload).await?;
+            self.read_packet().await
+        }
+
+        /// COM_FIELD_LIST: the names of the table's columns.
+        pub async fn field_list(&mut self, table: &str) -> Res<Vec<String>> {
+            let mut p = vec![0x04];
+            p.extend_from_slice(table.as_bytes());
+            p.push(0);
+            self.command(&p).await?;
+            let mut names = Vec::new();
+            loop {
+                let p = self.read_packet().await?;
+                match p.first() {
+                    Some(0xFF) => return Err(RawError::Server(parse_err(&p)?)),
+                    Some(0xFE) if p.len() < 0xFF_FFFF => return Ok(names),
+                    _ => names.push(parse_column(&p)?.name),
+                }
+            }
+        }
+
+        /// COM_QUERY that may return several result sets: the number of rows of each, or the
+        /// error that ended the response.
+        pub async fn query_multi(&mut self, sql: &str) -> Res<Vec<usize>> {
+            let mut p = vec![0x03];
+            p.extend_from_slice(sql.as_bytes());
+            self.command(&p).await?;
+            let mut sets = Vec::new();
+            loop {
+                let first = self.read_packet().await?;
+                let status = match first.first() {
+                    Some(0x00) => {
+                        sets.push(0);
+                        ok_status(&first)?
+                    }
+                    Some(0xFF) => return Err(RawError::Server(parse_err(&first)?)),
+                    _ => {
+                        let n = Reader(&first).lenenc()? as usize;
+                        self.read_columns(n).await?;
+                        let mut rows = 0;
+                        let status = loop {
+                            let p = self.read_packet().await?;
+                            if p.first() == Some(&0xFF) {
+                                return Err(RawError::Server(parse_err(&p)?));
+                            }
+                            if p.first() == Some(&0xFE) && p.len() < 0xFF_FFFF {
+                                break if self.deprecate_eof() {
+                                    ok_status(&p)?
+                                } else {
+                                    eof_status(&p)?
+                                };
+                            }
+                            rows += 1;
+                        };
+                        sets.push(rows);
+                        status
+                    }
+                };
+                if status & 0x0008 == 0 {
+                    return Ok(sets);
+                }
+            }
         }
 
         /// COM_PING.

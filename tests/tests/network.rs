@@ -195,3 +195,91 @@ async fn sigterm_closes_idle_sessions_and_exits() {
         proxy.stderr_log()
     );
 }
+
+#[tokio::test]
+async fn sessions_spread_over_two_backends() {
+    let bed = Testbed::get();
+    assert!(bed.tidb.len() >= 2, "this test needs two TiDB instances");
+    // Each TiDB is its own database: a marker table tells which one a session landed on.
+    let marker = unique_name("marker");
+    let first = Backend::tidb(0);
+    let mut direct = first.connect_root().await;
+    direct
+        .query_drop(format!("CREATE TABLE {marker} (x INT)"))
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&format!(
+        "[proxy]\nbackends = [\"{}\", \"{}\"]\n",
+        bed.tidb(0),
+        bed.tidb(1)
+    ));
+    let mut conns = Vec::new();
+    let mut on_first = 0;
+    for _ in 0..6 {
+        let mut c = proxy.connect_root(&first).await;
+        let n: Option<i64> = c
+            .query_first(format!(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = 'test' AND table_name = '{marker}'"
+            ))
+            .await
+            .unwrap();
+        on_first += n.unwrap_or(0);
+        conns.push(c);
+    }
+    assert!(
+        (1..6).contains(&on_first),
+        "6 concurrent sessions should use both backends; {on_first} went to the first"
+    );
+    direct
+        .query_drop(format!("DROP TABLE {marker}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn api_health_readiness_and_graceful_wait() {
+    let backend = Backend::mariadb();
+    let mut proxy = backend.proxy("graceful-wait-before-shutdown = 2\n");
+    let api = proxy.api_addr();
+    assert_eq!(http_get(api, "/healthz").await.unwrap(), (200, "ok".into()));
+    assert_eq!(http_get(api, "/readyz").await.unwrap().0, 200);
+    let mut conn = proxy.connect_root(&backend).await;
+    let v: Option<i64> = conn.query_first("SELECT 1").await.unwrap();
+    assert_eq!(v, Some(1));
+    let (code, metrics) = http_get(api, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("# TYPE"),
+        "no Prometheus metrics: {metrics:.300}"
+    );
+
+    // During graceful-wait-before-shutdown: not ready, but still serving SQL.
+    proxy.signal_term();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (code, _) = http_get(api, "/readyz").await.unwrap();
+        if code == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {code} after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v: Option<i64> = conn.query_first("SELECT 2").await.unwrap();
+    assert_eq!(v, Some(2), "SQL must still work during the graceful wait");
+    let mut late = proxy.connect_root(&backend).await;
+    let v: Option<i64> = late.query_first("SELECT 3").await.unwrap();
+    assert_eq!(
+        v,
+        Some(3),
+        "new clients are still accepted during the graceful wait"
+    );
+    let status = proxy
+        .wait_exit_async(Duration::from_secs(15))
+        .await
+        .expect("the proxy exits after the graceful wait");
+    assert!(status.success(), "{status:?}");
+}

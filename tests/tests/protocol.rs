@@ -542,3 +542,156 @@ async fn load_data_local_infile() {
             .unwrap();
     }
 }
+
+/// What a raw client sees for the rarer commands: COM_FIELD_LIST, COM_STATISTICS,
+/// COM_SET_OPTION, COM_INIT_DB and COM_PING.
+async fn rare_commands(
+    addr: std::net::SocketAddr,
+    backend: &Backend,
+    table: &str,
+    deprecate_eof: bool,
+) -> Vec<String> {
+    let opts = ConnectOptions {
+        deprecate_eof,
+        multi_statements: true,
+        database: Some(backend.database().into()),
+        ..ConnectOptions::root()
+    };
+    let mut conn = RawConn::connect(addr, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("raw connect to {addr}: {e}"));
+    let mut seen = Vec::new();
+    let fields = conn.field_list(table).await;
+    seen.push(format!("field_list: {fields:?}"));
+    let stats = conn.simple_command(&[0x09]).await.unwrap();
+    // Uptime and counters differ between connections; the shape must not.
+    let stats = String::from_utf8_lossy(&stats).into_owned();
+    seen.push(format!(
+        "statistics starts with Uptime: {}",
+        stats.starts_with("Uptime")
+    ));
+    seen.push(format!(
+        "multi on: {:?}",
+        conn.query_multi("SELECT 1; SELECT 2 UNION SELECT 3").await
+    ));
+    let off = conn.simple_command(&[0x1B, 1, 0]).await.unwrap();
+    seen.push(format!("set_option off -> {:02x?}", <[u8]>::first(&off)));
+    let r = conn.query_multi("SELECT 1; SELECT 2").await;
+    seen.push(format!(
+        "multi off: {}",
+        match r {
+            Ok(sets) => format!("ok {sets:?}"),
+            Err(raw::RawError::Server(e)) => format!("error {}", e.code),
+            Err(e) => panic!("{addr}: multi-statement with the option off: {e}"),
+        }
+    ));
+    let on = conn.simple_command(&[0x1B, 0, 0]).await.unwrap();
+    seen.push(format!("set_option on -> {:02x?}", <[u8]>::first(&on)));
+    seen.push(format!(
+        "multi on again: {:?}",
+        conn.query_multi("SELECT 1; DO 1").await
+    ));
+    let mut init_db = vec![0x02];
+    init_db.extend_from_slice(b"tp_no_such_db_x");
+    let r = conn.simple_command(&init_db).await.unwrap();
+    seen.push(format!(
+        "init_db bad -> {:?}",
+        raw::parse_err(&r).map(|e| e.code).ok()
+    ));
+    let mut init_db = vec![0x02];
+    init_db.extend_from_slice(backend.database().as_bytes());
+    let r = conn.simple_command(&init_db).await.unwrap();
+    seen.push(format!("init_db good -> {:02x?}", <[u8]>::first(&r)));
+    seen.push(format!("ping: {:?}", conn.ping().await.is_ok()));
+    seen.push(format!(
+        "after: {:?}",
+        conn.query("SELECT DATABASE()").await.ok()
+    ));
+    conn.quit().await;
+    seen
+}
+
+#[tokio::test]
+async fn rare_commands_match_direct() {
+    for backend in Backend::both() {
+        let proxy = backend.proxy("");
+        let mut direct = backend.connect_root().await;
+        let table = unique_name("fl");
+        direct
+            .query_drop(format!(
+                "CREATE TABLE {table} (id INT PRIMARY KEY, name VARCHAR(10), note TEXT)"
+            ))
+            .await
+            .unwrap();
+        for deprecate_eof in [false, true] {
+            let what = format!("{} deprecate_eof={deprecate_eof}", backend.name());
+            let d = rare_commands(
+                backend.addr.parse().unwrap(),
+                &backend,
+                &table,
+                deprecate_eof,
+            )
+            .await;
+            let p = rare_commands(proxy.addr(), &backend, &table, deprecate_eof).await;
+            assert_eq!(d, p, "{what}");
+            assert_eq!(
+                d[0], "field_list: Ok([\"id\", \"name\", \"note\"])",
+                "{what}"
+            );
+            assert_eq!(d[2], "multi on: Ok([1, 2])", "{what}");
+            assert!(d[4].starts_with("multi off: error"), "{what}: {d:?}");
+        }
+        direct
+            .query_drop(format!("DROP TABLE {table}"))
+            .await
+            .unwrap();
+    }
+}
+
+/// MariaDB stored procedures return several result sets, also to COM_STMT_EXECUTE
+/// (CLIENT_PS_MULTI_RESULTS): through the proxy they must arrive as directly.
+#[tokio::test]
+async fn stored_procedure_result_sets_mariadb() {
+    let backend = Backend::mariadb();
+    let proxy = backend.proxy("");
+    let mut direct = backend.connect_root().await;
+    let mut proxied = proxy.connect_root(&backend).await;
+    let name = unique_name("proc");
+    direct
+        .query_drop(format!(
+            "CREATE PROCEDURE {name}(IN n INT) BEGIN SELECT n; SELECT n + 1, 'two'; \
+             SELECT * FROM (SELECT 1 AS a UNION ALL SELECT 2) t; END"
+        ))
+        .await
+        .unwrap();
+    // Text protocol.
+    let sql = format!("CALL {name}(10)");
+    let (d, d_err) = query_sets(&mut direct, &sql).await;
+    let (p, p_err) = query_sets(&mut proxied, &sql).await;
+    assert!(d_err.is_none() && p_err.is_none(), "{d_err:?} {p_err:?}");
+    assert_eq!(d, p, "CALL via COM_QUERY");
+    assert!(d.len() >= 3, "{d:?}");
+    // Binary protocol: every result set of the execution.
+    let mut sets = Vec::new();
+    for conn in [&mut direct, &mut proxied] {
+        let mut result = conn
+            .exec_iter(format!("CALL {name}(?)"), (20,))
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        while !result.is_empty() {
+            let rows: Vec<mysql_async::Row> = result.collect().await.unwrap();
+            all.push(rows.into_iter().map(|r| r.unwrap()).collect::<Vec<_>>());
+        }
+        drop(result);
+        sets.push(all);
+    }
+    assert_eq!(sets[0], sets[1], "CALL via COM_STMT_EXECUTE");
+    assert_eq!(sets[1][0], vec![vec![Value::Int(20)]]);
+    let v: Option<i64> = proxied.query_first("SELECT 77").await.unwrap();
+    assert_eq!(v, Some(77));
+    direct
+        .query_drop(format!("DROP PROCEDURE {name}"))
+        .await
+        .unwrap();
+}

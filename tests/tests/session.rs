@@ -150,6 +150,32 @@ async fn auth_plugins_tidb_caching_sha2_and_native() {
         );
     }
 
+    // COM_CHANGE_USER to the caching_sha2_password user. TiDB runs the caching_sha2 full
+    // authentication (authSha) only in the initial handshake, not in handleChangeUser, so this
+    // fails directly; through the proxy (plain or TLS client leg) the outcome must be the same.
+    async fn change_to_sha2(opts: mysql_async::OptsBuilder) -> Result<String, u16> {
+        let mut conn = connect(opts, "root before change_user").await;
+        let r = conn
+            .change_user(
+                ChangeUserOpts::default()
+                    .with_user(Some("tp_sha2".into()))
+                    .with_pass(Some("sha2_pw".into())),
+            )
+            .await;
+        match r {
+            Ok(()) => Ok(current_user(&mut conn).await),
+            Err(e) => Err(server_code(&e).unwrap_or_else(|| panic!("change_user: {e:?}"))),
+        }
+    }
+    let direct = change_to_sha2(backend.opts("root", None)).await;
+    let proxied = change_to_sha2(proxy.opts("root", None)).await;
+    let proxied_tls = change_to_sha2(proxy.opts("root", None).ssl_opts(insecure_ssl())).await;
+    assert_eq!(proxied, direct, "change_user to tp_sha2, plain");
+    assert_eq!(
+        proxied_tls, direct,
+        "change_user to tp_sha2, TLS client leg"
+    );
+
     // Wrong passwords: same error as direct.
     for user in ["tp_sha2", "tp_native"] {
         let (code, _, d_err) = cli_login(&backend.addr, user, "bad").await;

@@ -287,6 +287,17 @@ async fn compression_matches_direct() {
             let (len, echo) = p.unwrap();
             assert_eq!(len, 3_000_000, "{what}");
             assert_eq!(fnv1a(&echo), fnv1a(&blob), "{what}: echoed blob");
+            // Packets over 16 MiB inside compressed frames, both directions.
+            let big: Option<String> = proxied
+                .query_first("SELECT REPEAT('z', 17000000)")
+                .await
+                .unwrap();
+            assert_eq!(big.map(|s| s.len()), Some(17_000_000), "{what}: big result");
+            let len: Option<i64> = proxied
+                .query_first(format!("SELECT LENGTH('{}')", "q".repeat(17_000_000)))
+                .await
+                .unwrap();
+            assert_eq!(len, Some(17_000_000), "{what}: big query");
             // A compressed client next to an uncompressed one on the same proxy.
             let mut plain = proxy.connect_root(&backend).await;
             assert_eq!(status(&mut plain, "Compression").await, "OFF", "{what}");

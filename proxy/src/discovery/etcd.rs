@@ -199,7 +199,10 @@ enum WatchError {
     #[error("watch stream closed by etcd")]
     StreamClosed,
     #[error("watch canceled by etcd (compact revision {compact_revision}): {reason}")]
-    Canceled { reason: String, compact_revision: i64 },
+    Canceled {
+        reason: String,
+        compact_revision: i64,
+    },
 }
 
 async fn with_timeout<T>(
@@ -390,9 +393,15 @@ mod tests {
     #[test]
     fn plain_prefix() {
         let kvs = vec![
-            kv("/topology/tidb/10.0.0.2:4000/info", &info("10.0.0.2", 10080, "{}")),
+            kv(
+                "/topology/tidb/10.0.0.2:4000/info",
+                &info("10.0.0.2", 10080, "{}"),
+            ),
             kv("/topology/tidb/10.0.0.2:4000/ttl", "1700000000000000000"),
-            kv("/topology/tidb/10.0.0.1:4000/info", &info("10.0.0.1", 10081, "null")),
+            kv(
+                "/topology/tidb/10.0.0.1:4000/info",
+                &info("10.0.0.1", 10081, "null"),
+            ),
             kv("/topology/tidb/10.0.0.1:4000/ttl", "1700000000000000000"),
         ];
         let got = parse_topology(&kvs);
@@ -423,7 +432,10 @@ mod tests {
                 &info("10.0.0.3", 10080, r#"{"keyspace":"ks1"}"#),
             ),
             kv("/keyspaces/tidb/ks1/topology/tidb/10.0.0.3:4000/ttl", "1"),
-            kv("/topology/tidb/10.0.0.1:4000/info", &info("10.0.0.1", 10080, "{}")),
+            kv(
+                "/topology/tidb/10.0.0.1:4000/info",
+                &info("10.0.0.1", 10080, "{}"),
+            ),
             kv("/topology/tidb/10.0.0.1:4000/ttl", "1"),
             // ttl in another keyspace does not make this one alive
             kv(
@@ -440,7 +452,10 @@ mod tests {
         let got = parse_topology(&kvs);
         let addrs: Vec<_> = got.iter().map(|b| b.addr.as_str()).collect();
         assert_eq!(addrs, ["10.0.0.1:4000", "10.0.0.3:4000"]);
-        assert_eq!(got[1].labels.get("keyspace").map(String::as_str), Some("ks1"));
+        assert_eq!(
+            got[1].labels.get("keyspace").map(String::as_str),
+            Some("ks1")
+        );
     }
 
     #[test]
@@ -451,7 +466,10 @@ mod tests {
                 &info("10.0.0.1", 1, "{}"),
             ),
             kv("/keyspaces/tidb/ks1/topology/tidb/10.0.0.1:4000/ttl", "1"),
-            kv("/topology/tidb/10.0.0.1:4000/info", &info("10.0.0.1", 2, "{}")),
+            kv(
+                "/topology/tidb/10.0.0.1:4000/info",
+                &info("10.0.0.1", 2, "{}"),
+            ),
             kv("/topology/tidb/10.0.0.1:4000/ttl", "1"),
         ];
         let got = parse_topology(&kvs);
@@ -462,9 +480,15 @@ mod tests {
     #[test]
     fn missing_ttl_or_info() {
         let kvs = vec![
-            kv("/topology/tidb/10.0.0.1:4000/info", &info("10.0.0.1", 10080, "{}")),
+            kv(
+                "/topology/tidb/10.0.0.1:4000/info",
+                &info("10.0.0.1", 10080, "{}"),
+            ),
             kv("/topology/tidb/10.0.0.2:4000/ttl", "1"),
-            kv("/keyspaces/tidb/ks/topology/tidb/10.0.0.3:4000/info", &info("10.0.0.3", 10080, "{}")),
+            kv(
+                "/keyspaces/tidb/ks/topology/tidb/10.0.0.3:4000/info",
+                &info("10.0.0.3", 10080, "{}"),
+            ),
         ];
         assert!(parse_topology(&kvs).is_empty());
         assert!(parse_topology(&[]).is_empty());
@@ -475,9 +499,15 @@ mod tests {
         let kvs = vec![
             kv("/topology/tidb/10.0.0.1:4000/info", "{not json"),
             kv("/topology/tidb/10.0.0.1:4000/ttl", "1"),
-            kv("/topology/tidb/10.0.0.2:4000/info", r#"{"status_port":"abc"}"#),
+            kv(
+                "/topology/tidb/10.0.0.2:4000/info",
+                r#"{"status_port":"abc"}"#,
+            ),
             kv("/topology/tidb/10.0.0.2:4000/ttl", "1"),
-            kv("/topology/tidb/10.0.0.3:4000/info", r#"{"labels":{"zone":1}}"#),
+            kv(
+                "/topology/tidb/10.0.0.3:4000/info",
+                r#"{"labels":{"zone":1}}"#,
+            ),
             kv("/topology/tidb/10.0.0.3:4000/ttl", "1"),
             kv("/topology/tidb/10.0.0.4:4000/info", r#"[1,2,3]"#),
             kv("/topology/tidb/10.0.0.4:4000/ttl", "1"),
@@ -486,9 +516,15 @@ mod tests {
                 vec![0xff, 0xfe, 0x00],
             ),
             kv("/topology/tidb/10.0.0.5:4000/ttl", "1"),
-            kv("/topology/tidb/10.0.0.6:4000/info", r#"{"status_port":70000}"#),
+            kv(
+                "/topology/tidb/10.0.0.6:4000/info",
+                r#"{"status_port":70000}"#,
+            ),
             kv("/topology/tidb/10.0.0.6:4000/ttl", "1"),
-            kv("/topology/tidb/10.0.0.9:4000/info", &info("10.0.0.9", 10080, "{}")),
+            kv(
+                "/topology/tidb/10.0.0.9:4000/info",
+                &info("10.0.0.9", 10080, "{}"),
+            ),
             kv("/topology/tidb/10.0.0.9:4000/ttl", "1"),
         ];
         let got = parse_topology(&kvs);
@@ -500,11 +536,20 @@ mod tests {
     fn minimal_and_odd_info() {
         let kvs = vec![
             // no ip: the host from the key; no status port: no status address
-            kv("/topology/tidb/db-tidb-0.db-tidb-peer.ns.svc:4000/info", "{}"),
+            kv(
+                "/topology/tidb/db-tidb-0.db-tidb-peer.ns.svc:4000/info",
+                "{}",
+            ),
             kv("/topology/tidb/db-tidb-0.db-tidb-peer.ns.svc:4000/ttl", "1"),
-            kv("/topology/tidb/[::1]:4000/info", r#"{"ip":"::1","status_port":10080,"version":""}"#),
+            kv(
+                "/topology/tidb/[::1]:4000/info",
+                r#"{"ip":"::1","status_port":10080,"version":""}"#,
+            ),
             kv("/topology/tidb/[::1]:4000/ttl", "1"),
-            kv("/topology/tidb/127.0.0.1:4000/info", r#"{"status_port":"10080","extra":[1]}"#),
+            kv(
+                "/topology/tidb/127.0.0.1:4000/info",
+                r#"{"status_port":"10080","extra":[1]}"#,
+            ),
             kv("/topology/tidb/127.0.0.1:4000/ttl", "1"),
             // not TiDB keys
             kv("/topology/tidb/127.0.0.1:4001/info/x", "{}"),
@@ -545,16 +590,21 @@ mod tests {
         let kvs = vec![
             kv(
                 "/topology/tidb/10.0.0.1:4000/info",
-                &info("10.0.0.1", 10080, r#"{"zone":"east","host":"h1","tiproxy-port":"6001"}"#),
+                &info(
+                    "10.0.0.1",
+                    10080,
+                    r#"{"zone":"east","host":"h1","tiproxy-port":"6001"}"#,
+                ),
             ),
             kv("/topology/tidb/10.0.0.1:4000/ttl", "1"),
         ];
         let got = parse_topology(&kvs);
         assert_eq!(got.len(), 1);
-        let want: BTreeMap<String, String> = [("zone", "east"), ("host", "h1"), ("tiproxy-port", "6001")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let want: BTreeMap<String, String> =
+            [("zone", "east"), ("host", "h1"), ("tiproxy-port", "6001")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
         assert_eq!(got[0].labels, want);
     }
 
@@ -612,11 +662,16 @@ mod tests {
     ) -> Vec<DiscoveredBackend> {
         let res = tokio::time::timeout(
             within,
-            rx.wait_for(|list| list.iter().map(|b| b.addr.as_str()).eq(want.iter().copied())),
+            rx.wait_for(|list| {
+                list.iter()
+                    .map(|b| b.addr.as_str())
+                    .eq(want.iter().copied())
+            }),
         )
-        .await;
+        .await
+        .map(|r| r.map(|list| list.clone()));
         match res {
-            Ok(Ok(list)) => list.clone(),
+            Ok(Ok(list)) => list,
             Ok(Err(_)) => panic!("topology watch ended before publishing {want:?}"),
             Err(_) => panic!(
                 "topology watch did not publish {want:?} within {within:?}; last: {:?}",
@@ -632,6 +687,10 @@ mod tests {
             "etcd is not installed (no /usr/bin/etcd, none on PATH): this test needs a real etcd; \
              install it with `bash tests/scripts/install-deps.sh` (Debian packages etcd-server etcd-client)"
         );
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("tiproxy=debug")
+            .try_init();
         let dir = std::env::temp_dir().join(format!("tiproxy-etcd-test-{IT_PORT}"));
         // A previous run that was killed may have left its etcd behind.
         let _ = run_script(&dir, &["stop"]);
@@ -639,8 +698,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let guard = EtcdGuard(dir.clone());
         let port = IT_PORT.to_string();
-        run_script(&dir, &["start", "--port", &port]).unwrap_or_else(|e| panic!("{e}"));
+        let script = |args: &[&str]| run_script(&dir, args).unwrap_or_else(|e| panic!("{e}"));
 
+        // The watcher starts before etcd: it must keep retrying until etcd is up.
         let (tx, mut rx) = watch::channel(Vec::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run_topology_watch(
@@ -648,28 +708,50 @@ mod tests {
             tx,
             stop_rx,
         ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        script(&["start", "--port", &port]);
 
-        // One before the watch is likely established, one after.
-        run_script(&dir, &["put-tidb", "127.0.0.1:4000", "10080", "--labels", "zone=east,host=h1"])
-            .unwrap_or_else(|e| panic!("{e}"));
+        script(&[
+            "put-tidb",
+            "127.0.0.1:4000",
+            "10080",
+            "--labels",
+            "zone=east,host=h1",
+        ]);
         wait_for_addrs(&mut rx, &["127.0.0.1:4000"], Duration::from_secs(15)).await;
-        run_script(&dir, &["put-tidb", "127.0.0.1:4001", "10081", "--ttl", "10"])
-            .unwrap_or_else(|e| panic!("{e}"));
+        script(&["put-tidb", "127.0.0.1:4001", "10081", "--ttl", "10"]);
         let list = wait_for_addrs(
             &mut rx,
             &["127.0.0.1:4000", "127.0.0.1:4001"],
-            Duration::from_secs(10),
+            Duration::from_secs(5),
         )
         .await;
         assert_eq!(list[0].status_addr.as_deref(), Some("127.0.0.1:10080"));
         assert_eq!(list[0].labels.get("zone").map(String::as_str), Some("east"));
         assert_eq!(list[0].labels.get("host").map(String::as_str), Some("h1"));
-        assert!(list[0].version.as_deref().is_some_and(|v| v.starts_with('v')));
+        assert_eq!(list[0].version.as_deref(), Some("v8.5.3"));
         assert_eq!(list[1].status_addr.as_deref(), Some("127.0.0.1:10081"));
         assert!(list[1].labels.is_empty());
 
-        run_script(&dir, &["del-tidb", "127.0.0.1:4000"]).unwrap_or_else(|e| panic!("{e}"));
+        // A TiDB that is gone.
+        script(&["del-tidb", "127.0.0.1:4000"]);
         wait_for_addrs(&mut rx, &["127.0.0.1:4001"], Duration::from_secs(5)).await;
+
+        // The keyspace prefix is watched too.
+        script(&["put-tidb", "127.0.0.1:4002", "10082", "--keyspace", "ks1"]);
+        wait_for_addrs(
+            &mut rx,
+            &["127.0.0.1:4001", "127.0.0.1:4002"],
+            Duration::from_secs(5),
+        )
+        .await;
+
+        // etcd restarts (empty): the watcher reconnects and follows the new contents.
+        script(&["stop"]);
+        script(&["start", "--port", &port]);
+        wait_for_addrs(&mut rx, &[], Duration::from_secs(15)).await;
+        script(&["put-tidb", "127.0.0.1:4003", "10083"]);
+        wait_for_addrs(&mut rx, &["127.0.0.1:4003"], Duration::from_secs(5)).await;
 
         stop_tx.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), task)

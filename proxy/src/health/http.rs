@@ -31,7 +31,10 @@ pub enum HttpError {
     Refused,
     /// The deadline ran out; `phase` says where it was spent.
     #[error("no answer within {after:?} ({phase})")]
-    Timeout { phase: &'static str, after: Duration },
+    Timeout {
+        phase: &'static str,
+        after: Duration,
+    },
     /// Any other failure to connect (unreachable, name not resolved, reset during connect).
     #[error("connect: {0}")]
     Connect(#[source] io::Error),
@@ -222,10 +225,9 @@ mod tests {
 
     #[tokio::test]
     async fn non_200_is_returned_not_an_error() {
-        let (addr, _h) = one_shot(
-            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_vec(),
-        )
-        .await;
+        let (addr, _h) =
+            one_shot(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_vec())
+                .await;
         let r = StatusClient::new(Duration::from_secs(2))
             .get(&addr, "/status")
             .await

@@ -45,9 +45,7 @@ impl ProbeOutcome {
         match self {
             ProbeOutcome::Healthy => Cow::Borrowed("healthy"),
             ProbeOutcome::Draining => Cow::Borrowed(DRAINING_REASON),
-            ProbeOutcome::Slow { reason } | ProbeOutcome::Down { reason } => {
-                Cow::Borrowed(reason)
-            }
+            ProbeOutcome::Slow { reason } | ProbeOutcome::Down { reason } => Cow::Borrowed(reason),
         }
     }
 
@@ -317,7 +315,10 @@ pub async fn fetch_config(
         .await
         .map_err(|e| format!("status port {addr}: GET /config: {e}"))?;
     if r.status != StatusCode::OK {
-        return Err(format!("status port {addr}: GET /config: HTTP {}", r.status));
+        return Err(format!(
+            "status port {addr}: GET /config: HTTP {}",
+            r.status
+        ));
     }
     parse_config(&r.body).map_err(|e| format!("status port {addr}: GET /config: {e}"))
 }

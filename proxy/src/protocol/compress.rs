@@ -44,6 +44,11 @@ impl Compression {
         self.algorithm
     }
 
+    /// The sequence number the next frame will carry.
+    pub fn sequence(&self) -> u8 {
+        self.seq
+    }
+
     /// Compressed sequence numbers restart with every command.
     pub fn reset_sequence(&mut self) {
         self.seq = 0;

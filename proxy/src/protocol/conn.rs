@@ -60,6 +60,13 @@ pub struct PacketConn {
     wbuf: BytesMut,
     compression: Option<Compression>,
     buffer_size: usize,
+    /// Set when either leg of the session is compressed: packet sequence numbers must then be
+    /// renumbered for this leg (see [`PacketConn::set_resequence`]).
+    resequence: bool,
+    /// The next packet sequence number on this leg (maintained in resequence mode).
+    seq: u8,
+    /// Payload bytes of the packet being written that are still to come.
+    out_remaining: usize,
 }
 
 impl PacketConn {
@@ -71,6 +78,9 @@ impl PacketConn {
             wbuf: BytesMut::new(),
             compression: None,
             buffer_size,
+            resequence: false,
+            seq: 0,
+            out_remaining: 0,
         }
     }
 
@@ -100,11 +110,30 @@ impl PacketConn {
         self.compression.is_some()
     }
 
-    /// Called at the start of every command: compressed sequence numbers restart.
+    /// Sequence numbers of the two legs only agree while neither is compressed: a compressed
+    /// peer resynchronises its packet numbers with the frame numbers at every frame. When either
+    /// leg is compressed, every packet written to this leg is renumbered as this leg's peer
+    /// expects, continuing from the last packet read from it.
+    pub fn set_resequence(&mut self, on: bool) {
+        self.resequence = on;
+    }
+
+    /// Called before the proxy sends a new command on this leg: sequence numbers restart.
     pub fn reset_sequence(&mut self) {
+        self.seq = 0;
+        self.out_remaining = 0;
         if let Some(c) = &mut self.compression {
             c.reset_sequence();
         }
+    }
+
+    /// Records the sequence number of a packet read from this leg.
+    pub fn observe_read_seq(&mut self, seq: u8) {
+        self.seq = seq.wrapping_add(1);
+    }
+
+    pub fn resequencing(&self) -> bool {
+        self.resequence
     }
 
     /// Plain bytes buffered and not yet consumed.
@@ -179,6 +208,7 @@ impl PacketConn {
                 });
             }
             self.fill_to(4 + len).await?;
+            self.seq = seq.wrapping_add(1);
             self.rbuf.advance(4);
             if payload.is_empty() && len < MAX_PAYLOAD {
                 return Ok((seq, self.rbuf.split_to(len)));
@@ -219,7 +249,7 @@ impl PacketConn {
     /// Sends already-framed plain bytes (forwarded packets). Uncompressed legs with nothing
     /// queued write straight from the caller's buffer, avoiding a copy.
     pub async fn send_framed(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
-        if self.compression.is_none() && self.wbuf.is_empty() {
+        if self.compression.is_none() && self.wbuf.is_empty() && !self.resequence {
             self.stream.write_all(bytes).await?;
             return Ok(());
         }
@@ -234,16 +264,37 @@ impl PacketConn {
         if self.wbuf.is_empty() {
             return Ok(());
         }
+        if self.resequence {
+            self.renumber_queued();
+        }
         match &mut self.compression {
             None => self.stream.write_all(&self.wbuf).await?,
             Some(c) => {
                 let mut framed = BytesMut::with_capacity(self.wbuf.len() / 2 + 16);
                 c.encode(&self.wbuf, &mut framed)?;
                 self.stream.write_all(&framed).await?;
+                // As MySQL does: after a frame, packet numbers continue from frame numbers.
+                self.seq = c.sequence();
             }
         }
         self.wbuf.clear();
         Ok(())
+    }
+
+    /// Rewrites the sequence number of every packet header in the write buffer. Writers only
+    /// ever queue whole headers, so a header never straddles two flushes.
+    fn renumber_queued(&mut self) {
+        let mut pos = self.out_remaining.min(self.wbuf.len());
+        self.out_remaining -= pos;
+        while pos + 4 <= self.wbuf.len() {
+            let len = payload_len(&self.wbuf[pos..]);
+            self.wbuf[pos + 3] = self.seq;
+            self.seq = self.seq.wrapping_add(1);
+            pos += 4;
+            let here = len.min(self.wbuf.len() - pos);
+            pos += here;
+            self.out_remaining = len - here;
+        }
     }
 
     /// Writes everything queued and flushes TLS records.

@@ -190,6 +190,9 @@ pub async fn establish(
         .ok_or(SessionError::Internal("client leg missing"))?;
     client_conn.set_compression(compression_for(client_caps, response.zstd_level));
     backend.set_compression(compression_for(backend_caps, response.zstd_level));
+    let resequence = client_conn.is_compressed() || backend.is_compressed();
+    client_conn.set_resequence(resequence);
+    backend.set_resequence(resequence);
     ctx.remember_server_version(&backend_greeting.server_version);
     Ok(Established {
         client: client_conn,

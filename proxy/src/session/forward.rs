@@ -63,6 +63,9 @@ pub async fn forward<F: Framing>(
             }
         }
         let len = payload_len(&src.buffered()[scanned..]);
+        if src.resequencing() {
+            src.observe_read_seq(src.buffered()[scanned + 3]);
+        }
         let total = 4 + len;
         let available = src.buffered().len() - scanned;
         let first = (len > 0 && !continuation).then(|| src.buffered()[scanned + 4]);

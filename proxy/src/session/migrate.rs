@@ -63,6 +63,8 @@ pub struct MigrationInput<'a> {
     pub backend_caps: u32,
     /// Whether the current backend leg uses TLS (the new one will too).
     pub tls: bool,
+    /// Whether packet numbers are rewritten on the backend leg (some leg is compressed).
+    pub resequence: bool,
 }
 
 /// Exports the session from `old` and restores it on `target`. Returns the new backend leg
@@ -147,6 +149,7 @@ pub async fn migrate(
             response.capability,
             input.identity.zstd_level,
         ));
+        conn.set_resequence(input.resequence);
         let sql = format!(
             "SET SESSION_STATES {}",
             quote(&String::from_utf8_lossy(&state_json))

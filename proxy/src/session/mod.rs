@@ -225,7 +225,9 @@ impl<'a> Session<'a> {
                 ));
             }
             let cmd = request[4];
-            self.client.reset_sequence();
+            // The client numbered its command from zero; replies continue from there. The
+            // proxy starts a new command towards the backend.
+            self.client.observe_read_seq(request[3]);
             self.backend.reset_sequence();
             if cmd == command::QUIT {
                 return Ok(());
@@ -314,6 +316,7 @@ impl<'a> Session<'a> {
             client_addr: &self.addr,
             backend_caps: self.backend_caps,
             tls: self.backend.is_tls(),
+            resequence: self.backend.resequencing(),
         };
         let result = migrate::migrate(self.ctx, &mut self.backend, &input, &pending.target).await;
         let elapsed = pending.requested.elapsed().as_secs_f64();
@@ -377,7 +380,6 @@ impl<'a> Session<'a> {
             Ok(result) => {
                 self.state.set_status(result.status);
                 self.migrate_if_due().await?;
-                self.client.reset_sequence();
                 self.backend.reset_sequence();
                 Ok(false)
             }
