@@ -8,6 +8,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod discovery;
+pub mod health;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

@@ -132,6 +132,20 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
         balance.clone(),
         stopping_rx.clone(),
     ));
+    tokio::spawn(tiproxy::health::run_health_observer(
+        registry.clone(),
+        health_config(&config),
+        stopping_rx.clone(),
+    ));
+    let pd = config.proxy.pd_endpoints();
+    if !pd.is_empty() {
+        tracing::info!(endpoints = ?pd, "discovering TiDB servers from PD");
+        tokio::spawn(tiproxy::discovery::run_etcd_discovery(
+            pd,
+            registry.clone(),
+            stopping_rx.clone(),
+        ));
+    }
     let ctx = Arc::new(SessionContext::new(
         config.clone(),
         server_tls,
@@ -179,6 +193,17 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
     let _ = api_task.await;
     tracing::info!("tiproxy stopped");
     Ok(())
+}
+
+fn health_config(config: &Config) -> tiproxy::health::HealthConfig {
+    let h = &config.health;
+    tiproxy::health::HealthConfig {
+        interval: Duration::from_secs_f64(h.interval),
+        timeout: Duration::from_secs_f64(h.timeout),
+        slow_probes_to_unhealthy: h.slow_probes_to_unhealthy,
+        successes_to_recover: h.successes_to_recover,
+        ..Default::default()
+    }
 }
 
 fn balance_config(config: &Config) -> BalanceConfig {

@@ -20,7 +20,10 @@ mod state;
 
 use std::time::{Duration, Instant};
 
+mod observer;
+
 pub use http::{HttpError, HttpResponse, StatusClient, DEFAULT_BODY_LIMIT};
+pub use observer::run_health_observer;
 pub use probe::{
     fetch_config, fetch_metrics, parse_config, parse_first_packet, parse_metrics, parse_status,
     probe_sql, probe_status, ConfigInfo, CpuTracker, FirstPacket, MetricsSample, ProbeOutcome,
