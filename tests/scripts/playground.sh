@@ -135,20 +135,24 @@ scale_in() {
   echo "playground: TiDB $victim removed"
 }
 
+# Formats GET /api/v1/backends for people.
+STATUS_PY='
+import json, sys
+view = json.load(sys.stdin)
+for b in view["backends"]:
+    h = b["health"]
+    health = h["state"] + (": " + h["reason"] if "reason" in h else "")
+    print("%-22s %-9s sessions=%-4d %s" % (b["addr"], b["state"], b["sessions"], health))
+    for s in b["blocked-sessions"]:
+        print("    session %d cannot move: %s" % (s["id"], s["reason"]))
+'
+
 status() {
   if [[ -z "$(proxy_pid || true)" ]]; then
     echo "tiproxy stopped"
   else
     echo "tiproxy pid=$(proxy_pid) addr=$PROXY_ADDR api=$API_ADDR"
-    curl -fsS "http://$API_ADDR/api/v1/backends" | python3 -c '
-import json, sys
-view = json.load(sys.stdin)
-for b in view["backends"]:
-    health = b["health"]["state"] + (": " + b["health"]["reason"] if "reason" in b["health"] else "")
-    print(f"{b[\"addr\"]:22} {b[\"state\"]:9} {health:40} sessions={b[\"sessions\"]}")
-    for s in b["blocked-sessions"]:
-        print(f"    session {s[\"id\"]} cannot move: {s[\"reason\"]}")
-'
+    curl -fsS "http://$API_ADDR/api/v1/backends" | python3 -c "$STATUS_PY"
   fi
 }
 

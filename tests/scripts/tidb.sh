@@ -25,7 +25,7 @@ STATUS_PORT=10080
 usage() {
   cat <<EOF
 Usage:
-  $PROG start N [--dir DIR] [--graceful-wait S] [--first K] [--timeout S]
+  $PROG start N [--dir DIR] [--graceful-wait S] [--first K] [--timeout S] [--persistent]
   $PROG stop    [--dir DIR] [i ...] [--graceful]
   $PROG status  [--dir DIR]
 
@@ -34,6 +34,9 @@ Usage:
   --dir DIR         state directory (default \$PWD/.testbed/tidb)
   --graceful-wait S graceful-wait-before-shutdown in seconds (default 5)
   --first K         number of the first instance (default 1)
+  --persistent      keep each instance's data in DIR/tidb-i.data (unistore -path) instead of
+                    a volatile store, so it survives a stop and a later 'start' of the same
+                    instance number (delete the directory to start afresh)
   --timeout S       start: readiness timeout (default 120);
                     stop --graceful: SIGKILL after graceful-wait + S (default 60)
   stop [i ...]      stop the given instances (default: every instance of DIR);
@@ -60,6 +63,7 @@ GRACEFUL_WAIT=5
 FIRST=1
 TIMEOUT=""
 GRACEFUL=0
+PERSISTENT=0
 N=""
 INSTANCES=()
 while [[ $# -gt 0 ]]; do
@@ -73,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     --timeout) [[ $# -ge 2 ]] || die "--timeout needs a value"; TIMEOUT=$2; shift 2 ;;
     --timeout=*) TIMEOUT=${1#*=}; shift ;;
     --graceful) GRACEFUL=1; shift ;;
+    --persistent) PERSISTENT=1; shift ;;
     -h|--help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option: $1" ;;
     *)
@@ -238,6 +243,11 @@ cmd_start() {
   trap kill_started EXIT
   for ((i = FIRST; i <= last; i++)); do
     ip=$(ip_of "$i")
+    local store_path=""
+    if [[ $PERSISTENT -eq 1 ]]; then
+      store_path="$DIR/tidb-$i.data"
+      mkdir -p "$store_path"
+    fi
     rm -rf "$DIR/tidb-$i.tmp"
     mkdir -p "$DIR/tidb-$i.tmp/temp" "$DIR/tidb-$i.tmp/tmp-storage" "$DIR/tidb-$i.tmp/os"
     rm -f "$(pidfile "$i")"
@@ -247,7 +257,7 @@ cmd_start() {
     # The inner shell records its pid, then exec's tidb-server under that same pid.
     # shellcheck disable=SC2016  # $$ and "$@" are for the inner shell
     TMPDIR="$DIR/tidb-$i.tmp/os" setsid bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$(pidfile "$i")" \
-      "$bin" -store unistore -path "" \
+      "$bin" -store unistore -path "$store_path" \
       -host "$ip" -advertise-address "$ip" -P "$SQL_PORT" -status "$STATUS_PORT" -status-host "$ip" \
       -socket "" -config "$DIR/tidb-$i.toml" -config-strict \
       -log-file "$DIR/tidb-$i.log" \

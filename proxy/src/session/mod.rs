@@ -125,6 +125,35 @@ pub struct Session<'a> {
     identity: Identity,
     state: SessionState,
     closing: watch::Receiver<bool>,
+    query_metrics: QueryMetrics,
+}
+
+/// Per-session cache of the labelled query metrics, so the hot path does not hash label
+/// values on every command. Emptied when the session changes backend.
+#[derive(Default)]
+struct QueryMetrics {
+    by_command: Vec<Option<(prometheus::IntCounter, prometheus::Histogram)>>,
+}
+
+impl QueryMetrics {
+    fn get(&mut self, backend: &str, cmd: u8) -> &(prometheus::IntCounter, prometheus::Histogram) {
+        let i = usize::from(cmd).min(0x20);
+        if self.by_command.len() <= i {
+            self.by_command.resize(i + 1, None);
+        }
+        self.by_command[i].get_or_insert_with(|| {
+            let m = metrics::get();
+            let labels = [backend, command::name(cmd)];
+            (
+                m.queries.with_label_values(&labels),
+                m.query_duration.with_label_values(&labels),
+            )
+        })
+    }
+
+    fn clear(&mut self) {
+        self.by_command.clear();
+    }
 }
 
 /// Serves one accepted client connection until it ends.
@@ -203,6 +232,7 @@ impl<'a> Session<'a> {
             identity: e.identity,
             state: SessionState::default(),
             closing: ctx.closing.clone(),
+            query_metrics: QueryMetrics::default(),
         }
     }
 
@@ -241,14 +271,11 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn record_query(&self, cmd: u8, started: Instant) {
-        let backend = self.lease.backend().addr.as_str();
-        let m = metrics::get();
-        let labels = [backend, command::name(cmd)];
-        m.queries.with_label_values(&labels).inc();
-        m.query_duration
-            .with_label_values(&labels)
-            .observe(started.elapsed().as_secs_f64());
+    fn record_query(&mut self, cmd: u8, started: Instant) {
+        let backend = self.lease.backend();
+        let (count, duration) = self.query_metrics.get(backend.addr.as_str(), cmd);
+        count.inc();
+        duration.observe(started.elapsed().as_secs_f64());
     }
 
     /// Waits for the client's next command. Meanwhile the backend must stay silent: if it
@@ -334,6 +361,7 @@ impl<'a> Session<'a> {
                 old.shutdown().await;
                 self.identity.database = database;
                 self.lease.move_to(pending.target);
+                self.query_metrics.clear();
                 tracing::debug!(conn = self.connection_id, %from, %to, reason = pending.reason, "session migrated");
                 Ok(())
             }
