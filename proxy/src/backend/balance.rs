@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::registry::{Backend, BackendInfo, Registry};
+use super::registry::{Backend, BackendInfo, Health, Registry};
 
 #[derive(Debug, Clone)]
 pub struct BalanceConfig {
@@ -242,7 +242,11 @@ fn rebalance_once(
     let targets: Vec<usize> = (0..backends.len())
         .filter(|&i| {
             let (_, info, r) = &backends[i];
-            info.routable() && info.supports_migration && r.label == 0
+            // Only a backend a probe has seen healthy receives moved sessions.
+            info.routable()
+                && info.health == Health::Healthy
+                && info.supports_migration
+                && r.label == 0
         })
         .collect();
     let Some(&best) = targets.iter().min_by_key(|&&i| backends[i].2) else {
@@ -338,7 +342,7 @@ fn rebalance_once(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::registry::{BackendSpec, Control, Health, Source};
+    use crate::backend::registry::{BackendSpec, Control, Source};
 
     fn registry(addrs: &[&str]) -> Arc<Registry> {
         let r = Registry::new();
