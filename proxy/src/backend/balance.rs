@@ -279,7 +279,8 @@ fn rebalance_once(
             };
         }
         let rate = if reason == Reason::Status {
-            (budget.initial_sessions as f64 / cfg.status_drain_seconds).max(10.0)
+            // A small backend empties well within the window; a big one at an even pace.
+            (budget.initial_sessions as f64 / cfg.status_drain_seconds).max(100.0)
         } else {
             rate
         };

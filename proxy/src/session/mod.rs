@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{Backend, BalanceConfig, Control, Registry, SessionLease};
 use crate::config::Config;
@@ -33,6 +33,10 @@ use forward::{
 use migrate::{MigrateError, MigrationInput};
 use state::SessionState;
 
+/// Migrations in flight at once: enough to empty a TiDB of thousands of sessions within
+/// seconds, few enough not to swamp the target with logins.
+const MAX_CONCURRENT_MIGRATIONS: usize = 32;
+
 /// What every session shares: configuration, TLS material, the backends.
 pub struct SessionContext {
     pub config: Arc<Config>,
@@ -42,6 +46,8 @@ pub struct SessionContext {
     pub balance: BalanceConfig,
     /// Becomes true when the proxy starts closing sessions (after the graceful wait).
     pub closing: watch::Receiver<bool>,
+    /// Bounds the migrations in flight at once.
+    pub migration_permits: Arc<Semaphore>,
     server_version: RwLock<Arc<str>>,
     next_connection_id: AtomicU32,
 }
@@ -63,6 +69,7 @@ impl SessionContext {
             registry,
             balance,
             closing,
+            migration_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_MIGRATIONS)),
             server_version: RwLock::new(version),
             next_connection_id: AtomicU32::new(1),
         }
@@ -283,6 +290,7 @@ impl<'a> Session<'a> {
     /// idle session is at a safe point unless a transaction or cursor is open). When the proxy
     /// is shutting down, a session at a safe point ends here instead of waiting.
     async fn wait_for_command(&mut self) -> Result<(), SessionError> {
+        let ctx = self.ctx;
         loop {
             let safe = self.state.is_safe_point();
             if safe && *self.closing.borrow() {
@@ -298,9 +306,11 @@ impl<'a> Session<'a> {
                         Err(e) => SessionError::Backend(e),
                     })
                 }
-                Some(control) = self.control.recv() => {
-                    self.take_control(control);
-                    self.migrate_if_due().await?;
+                Some(control) = self.control.recv() => self.take_control(control),
+                permit = ctx.migration_permits.clone().acquire_owned(), if safe && self.pending.is_some() => {
+                    if let Ok(permit) = permit {
+                        self.migrate_now(permit).await?;
+                    }
                 }
                 _ = async { let _ = self.closing.wait_for(|c| *c).await; }, if safe => {
                     return Err(SessionError::Shutdown)
@@ -321,11 +331,21 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Carries out a pending migration if the session is at a safe point.
+    /// Carries out a pending migration if the session is at a safe point and a migration slot
+    /// is free right now (otherwise the wait for the next command also waits for a slot).
     async fn migrate_if_due(&mut self) -> Result<(), SessionError> {
         if self.pending.is_none() || !self.state.is_safe_point() {
             return Ok(());
         }
+        match self.ctx.migration_permits.clone().try_acquire_owned() {
+            Ok(permit) => self.migrate_now(permit).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Moves the session to the pending target. The permit bounds how many migrations run at
+    /// once, so a draining TiDB's sessions do not all log in to the targets in one burst.
+    async fn migrate_now(&mut self, _permit: OwnedSemaphorePermit) -> Result<(), SessionError> {
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };
@@ -407,7 +427,9 @@ impl<'a> Session<'a> {
         match query::run_query(&mut self.backend, "COMMIT", deprecate_eof).await {
             Ok(result) => {
                 self.state.set_status(result.status);
-                self.migrate_if_due().await?;
+                if let Ok(permit) = self.ctx.migration_permits.clone().acquire_owned().await {
+                    self.migrate_now(permit).await?;
+                }
                 self.backend.reset_sequence();
                 Ok(false)
             }
