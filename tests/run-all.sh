@@ -9,6 +9,8 @@
 #
 # TiDB instance i listens on 127.0.0.(10+i):4000; when 127.0.0.11/12 are taken (another test
 # bed), the next free pair of instance numbers is used. MariaDB uses 3307, or the next free port.
+# The session-migration tests (tests/tests/migration.rs) start and stop TiDBs and an etcd of
+# their own: a free block of 17 instance numbers from 51 up (tests/src/cluster.rs).
 #
 # Environment:
 #   TIPROXY_TESTBED_DIR  where to put the test bed (default: a new directory under /tmp, removed
@@ -16,6 +18,8 @@
 #   TIPROXY_REUSE_TESTBED=1  with TIPROXY_TEST_TIDB, TIPROXY_TEST_MARIADB and
 #                        TIPROXY_TEST_MARIADB_CA already set: use those servers, start/stop none
 #   CARGO_TEST_ARGS      extra arguments for cargo test (e.g. "-- --test-threads=1")
+#   TIPROXY_MIGRATION_FIRST  first instance number of the migration tests' block (default: the
+#                        first free one of 51, 68, 85, ...)
 #   PYTEST_ARGS          extra arguments for pytest
 set -uo pipefail
 

@@ -160,7 +160,10 @@ ensure_signing_cert() {
     if command -v flock >/dev/null; then flock 9; fi
     if [[ ! -s "$cert" || ! -s "$key" ]]; then
       log "generating session-token signing cert $cert"
-      openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj /CN=tiproxy-tidb-session \
+      # ECDSA P-256: TiDB signs a session token on every migration, and an ECDSA signature
+      # costs a fraction of an RSA-2048 one.
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 -days 3650 \
+        -subj /CN=tiproxy-tidb-session \
         -keyout "$key.tmp" -out "$cert.tmp" 2>/dev/null || die "openssl failed to create the signing cert"
       mv -f "$key.tmp" "$key"
       mv -f "$cert.tmp" "$cert"
@@ -306,6 +309,17 @@ wait_gone() {  # instance, seconds; true when gone
   [[ -z "$(running_pid "$i")" ]]
 }
 
+# The kernel may keep a dead process's listening sockets for a moment; a restart right after
+# `stop` must not find its address taken.
+wait_ports_free() {
+  local ip="127.0.0.$((10 + $1))" k
+  for ((k = 0; k < 40; k++)); do
+    ss -Hltn "( src $ip:4000 or src $ip:10080 )" 2>/dev/null | grep -q . || return 0
+    sleep 0.25
+  done
+  log "warning: $ip:4000 or :10080 still in use after tidb $1 exited"
+}
+
 cmd_stop() {
   local list=("${INSTANCES[@]}")
   if [[ ${#list[@]} -eq 0 ]]; then
@@ -337,6 +351,7 @@ cmd_stop() {
       fi
     fi
     wait_gone "$i" 30 || die "could not stop tidb $i (pid $pid)"
+    wait_ports_free "$i"
     rm -f "$(pidfile "$i")"
     rm -rf "$DIR/tidb-$i.tmp"
     log "stopped tidb $i (pid $pid)"

@@ -1,7 +1,8 @@
 //! Helpers shared by the end-to-end tests: the test bed's addresses, starting the proxy binary,
 //! client options for direct and proxied connections, the `mysql` command-line client, and a
 //! tiny raw-protocol client for what mysql_async cannot do (cursors, PROXY headers, binding
-//! the source address).
+//! the source address). [`cluster`] starts private TiDBs and etcd (for the migration tests)
+//! and talks to the proxy's admin API.
 //!
 //! The real servers are started by `tests/run-all.sh`, which exports:
 //! * `TIPROXY_TEST_TIDB`: comma-separated TiDB SQL addresses (`127.0.0.11:4000,127.0.0.12:4000`)
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, Row, SslOpts, Value};
+
+pub mod cluster;
 
 // ---- test bed -------------------------------------------------------------------------------
 
@@ -1223,6 +1226,35 @@ pub mod raw {
                     }
                     Some(0x00) => rows.push(parse_binary_row(&p, cols)?),
                     _ => return proto(format!("unexpected fetch packet {p:02x?}")),
+                }
+            }
+        }
+
+        /// COM_STMT_EXECUTE of a statement without parameters and without a cursor: the rows of
+        /// its binary result set (decoded as by [`RawConn::fetch`]); an empty list for a
+        /// statement that answers OK.
+        pub async fn execute(&mut self, id: u32) -> Res<Vec<Vec<Option<String>>>> {
+            let mut p = vec![0x17];
+            p.extend_from_slice(&id.to_le_bytes());
+            p.push(0x00); // CURSOR_TYPE_NO_CURSOR
+            p.extend_from_slice(&1u32.to_le_bytes());
+            self.command(&p).await?;
+            let first = self.read_packet().await?;
+            match first.first() {
+                Some(0xFF) => return Err(RawError::Server(parse_err(&first)?)),
+                Some(0x00) => return Ok(Vec::new()),
+                _ => {}
+            }
+            let n = Reader(&first).lenenc()? as usize;
+            let (cols, _) = self.read_columns(n).await?;
+            let mut rows = Vec::new();
+            loop {
+                let p = self.read_packet().await?;
+                match p.first() {
+                    Some(0xFF) => return Err(RawError::Server(parse_err(&p)?)),
+                    Some(0xFE) if p.len() < 0xFF_FFFF => return Ok(rows),
+                    Some(0x00) => rows.push(parse_binary_row(&p, &cols)?),
+                    _ => return proto(format!("unexpected execute packet {p:02x?}")),
                 }
             }
         }

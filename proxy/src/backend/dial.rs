@@ -39,7 +39,7 @@ pub enum DialError {
 }
 
 /// Connects to the best reachable backend. A backend that fails is skipped until every
-/// backend has failed once; then all are tried again after a backoff.
+/// backend has failed once; then all are tried again after a backoff, until the deadline.
 pub async fn dial_any(
     registry: &Registry,
     balance: &BalanceConfig,
@@ -52,7 +52,8 @@ pub async fn dial_any(
     loop {
         let backend = match route(registry, balance, &failed) {
             Some(backend) => backend,
-            None if failed.is_empty() => return Err(DialError::NoBackends),
+            // Nothing healthy left to try now: a backend may come back (or be pushed) within
+            // the connect timeout, so wait and look again rather than fail the client at once.
             None => {
                 let now = Instant::now();
                 if now + backoff >= deadline {
@@ -78,8 +79,10 @@ pub async fn dial_any(
         tracing::debug!(backend = %backend.addr, "backend dial failed");
         failed.push(backend);
     }
-    let (addr, reason) = last_error.unwrap_or_else(|| ("-".into(), "deadline passed".into()));
-    Err(DialError::Unreachable { addr, reason })
+    match last_error {
+        Some((addr, reason)) => Err(DialError::Unreachable { addr, reason }),
+        None => Err(DialError::NoBackends),
+    }
 }
 
 #[cfg(test)]
