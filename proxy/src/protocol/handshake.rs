@@ -14,6 +14,11 @@ pub const UNKNOWN_AUTH_PLUGIN: &str = "auth_unknown_plugin";
 pub const NATIVE_PASSWORD: &str = "mysql_native_password";
 pub const CACHING_SHA2_PASSWORD: &str = "caching_sha2_password";
 pub const SESSION_TOKEN_PLUGIN: &str = "tidb_session_token";
+/// MariaDB extended capabilities the proxy passes through: they change only contents the proxy
+/// does not parse (column definitions may be omitted, or carry extra type info), never framing.
+pub const MARIADB_EXTENDED_METADATA: u32 = 1 << 3;
+pub const MARIADB_CACHE_METADATA: u32 = 1 << 4;
+pub const MARIADB_PASSTHROUGH: u32 = MARIADB_EXTENDED_METADATA | MARIADB_CACHE_METADATA;
 /// utf8mb4_bin, TiDB's default collation.
 pub const DEFAULT_COLLATION: u8 = 46;
 
@@ -28,6 +33,9 @@ pub struct Greeting {
     pub collation: u8,
     pub status: u16,
     pub auth_plugin: String,
+    /// MariaDB's extended capabilities (the upper 32 bits), present when the server does not
+    /// set `CLIENT_MYSQL` (`LONG_PASSWORD`).
+    pub mariadb_caps: u32,
 }
 
 impl Greeting {
@@ -45,12 +53,17 @@ impl Greeting {
         let mut collation = DEFAULT_COLLATION;
         let mut status_flags = status::AUTOCOMMIT;
         let mut auth_plugin = String::new();
+        let mut mariadb_caps = 0;
         if !r.is_empty() {
             collation = r.u8("greeting collation")?;
             status_flags = r.u16("greeting status")?;
             capability |= u32::from(r.u16("greeting capability")?) << 16;
             let salt_len = r.u8("greeting salt length")?;
-            r.bytes(10, "greeting reserved")?;
+            let reserved = r.bytes(10, "greeting reserved")?;
+            if capability & cap::LONG_PASSWORD == 0 {
+                mariadb_caps =
+                    u32::from_le_bytes([reserved[6], reserved[7], reserved[8], reserved[9]]);
+            }
             if capability & cap::SECURE_CONNECTION != 0 {
                 let n = (usize::from(salt_len).saturating_sub(8)).max(13);
                 let part2 = r.bytes(n.min(r.remaining()), "greeting salt")?;
@@ -70,6 +83,7 @@ impl Greeting {
             collation,
             status: status_flags,
             auth_plugin,
+            mariadb_caps,
         })
     }
 
@@ -80,12 +94,19 @@ impl Greeting {
         out.put_u32_le(self.connection_id);
         out.put_slice(&self.salt[..8]);
         out.put_u8(0);
-        out.put_u16_le(self.capability as u16);
+        // Announcing MariaDB capabilities means not claiming CLIENT_MYSQL.
+        let capability = if self.mariadb_caps != 0 {
+            self.capability & !cap::LONG_PASSWORD
+        } else {
+            self.capability
+        };
+        out.put_u16_le(capability as u16);
         out.put_u8(self.collation);
         out.put_u16_le(self.status);
-        out.put_u16_le((self.capability >> 16) as u16);
+        out.put_u16_le((capability >> 16) as u16);
         out.put_u8(self.salt.len() as u8 + 1);
-        out.put_bytes(0, 10);
+        out.put_bytes(0, 6);
+        out.put_u32_le(self.mariadb_caps);
         put_nul_bytes(&mut out, &self.salt[8..]);
         put_nul_bytes(&mut out, self.auth_plugin.as_bytes());
         out
@@ -117,6 +138,9 @@ pub struct HandshakeResponse {
     /// Raw connect attributes (the key/value list without its length prefix).
     pub attrs: Option<Bytes>,
     pub zstd_level: Option<u8>,
+    /// MariaDB extended capabilities the client asks for (only when it does not set
+    /// `CLIENT_MYSQL`).
+    pub mariadb_caps: u32,
 }
 
 /// Length of an SSLRequest packet.
@@ -132,11 +156,17 @@ impl HandshakeResponse {
         }
         let max_packet_size = r.u32("response max packet size")?;
         let collation = r.u8("response collation")?;
-        r.bytes(23, "response filler")?;
+        let filler = r.bytes(23, "response filler")?;
+        let mariadb_caps = if capability & cap::LONG_PASSWORD == 0 {
+            u32::from_le_bytes([filler[19], filler[20], filler[21], filler[22]])
+        } else {
+            0
+        };
         Ok(Self {
             capability,
             max_packet_size,
             collation,
+            mariadb_caps,
             ..Default::default()
         })
     }
@@ -198,10 +228,14 @@ impl HandshakeResponse {
             c &= !cap::ZSTD_COMPRESSION_ALGORITHM;
         }
         let mut out = BytesMut::with_capacity(64 + self.user.len() + self.auth_data.len());
+        if self.mariadb_caps != 0 {
+            c &= !cap::LONG_PASSWORD;
+        }
         out.put_u32_le(c);
         out.put_u32_le(self.max_packet_size);
         out.put_u8(self.collation);
-        out.put_bytes(0, 23);
+        out.put_bytes(0, 19);
+        out.put_u32_le(self.mariadb_caps);
         put_nul_bytes(&mut out, self.user.as_bytes());
         if c & cap::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
             put_lenenc_bytes(&mut out, &self.auth_data);
@@ -227,10 +261,15 @@ impl HandshakeResponse {
     /// The SSLRequest prefix for this response.
     pub fn encode_ssl_request(&self) -> BytesMut {
         let mut out = BytesMut::with_capacity(SSL_REQUEST_LEN);
-        out.put_u32_le(self.capability | cap::SSL);
+        let mut c = self.capability | cap::SSL;
+        if self.mariadb_caps != 0 {
+            c &= !cap::LONG_PASSWORD;
+        }
+        out.put_u32_le(c);
         out.put_u32_le(self.max_packet_size);
         out.put_u8(self.collation);
-        out.put_bytes(0, 23);
+        out.put_bytes(0, 19);
+        out.put_u32_le(self.mariadb_caps);
         out
     }
 }
@@ -318,8 +357,15 @@ mod tests {
             collation: DEFAULT_COLLATION,
             status: status::AUTOCOMMIT,
             auth_plugin: NATIVE_PASSWORD.into(),
+            mariadb_caps: 0,
         };
         assert_eq!(Greeting::parse(&g.encode()).unwrap(), g);
+        let maria = Greeting {
+            capability: cap::PROXY_SUPPORTED & !cap::LONG_PASSWORD,
+            mariadb_caps: MARIADB_CACHE_METADATA,
+            ..g
+        };
+        assert_eq!(Greeting::parse(&maria.encode()).unwrap(), maria);
     }
 
     #[test]
@@ -334,8 +380,11 @@ mod tests {
             auth_plugin: SESSION_TOKEN_PLUGIN.into(),
             attrs: Some(Bytes::from_static(b"\x04_pid\x0212")),
             zstd_level: None,
+            mariadb_caps: MARIADB_CACHE_METADATA,
         };
         let parsed = HandshakeResponse::parse(&r.encode()).unwrap();
+        assert_eq!(parsed.mariadb_caps, MARIADB_CACHE_METADATA);
+        assert_eq!(parsed.capability & cap::LONG_PASSWORD, 0);
         assert_eq!(parsed.user, r.user);
         assert_eq!(parsed.auth_data, r.auth_data);
         assert_eq!(parsed.database, r.database);
@@ -382,6 +431,7 @@ mod tests {
             collation: 46,
             status: 2,
             auth_plugin: NATIVE_PASSWORD.into(),
+            mariadb_caps: 0,
         }
         .encode();
         for n in 0..greeting.len() {

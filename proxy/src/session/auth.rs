@@ -87,6 +87,7 @@ pub async fn establish(
         collation: DEFAULT_COLLATION,
         status: status::AUTOCOMMIT,
         auth_plugin: NATIVE_PASSWORD.into(),
+        mariadb_caps: ctx.mariadb_caps(),
     };
     let conn = client
         .as_mut()
@@ -156,7 +157,15 @@ pub async fn establish(
         auth_plugin: UNKNOWN_AUTH_PLUGIN.into(),
         attrs: response.attrs.clone(),
         zstd_level: response.zstd_level,
+        mariadb_caps: response.mariadb_caps & greeting.mariadb_caps,
     };
+    ctx.remember_mariadb_caps(backend_greeting.mariadb_caps);
+    if backend_response.mariadb_caps & !backend_greeting.mariadb_caps != 0 {
+        // The client agreed to MariaDB extensions this backend lacks (backends changed kind).
+        return Err(SessionError::BackendCapability(
+            "the backend does not support the MariaDB protocol extensions announced to this client; reconnect",
+        ));
+    }
     if backend_response.capability & cap::ZSTD_COMPRESSION_ALGORITHM == 0 {
         backend_response.zstd_level = None;
     }

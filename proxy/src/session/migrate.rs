@@ -121,6 +121,8 @@ pub async fn migrate(
             auth_plugin: SESSION_TOKEN_PLUGIN.into(),
             attrs: input.identity.attrs.clone(),
             zstd_level: input.identity.zstd_level,
+            // Session migration is TiDB's; TiDB has no MariaDB extensions.
+            mariadb_caps: 0,
         };
         let mut seq = 1;
         if input.tls {

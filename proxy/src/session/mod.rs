@@ -49,6 +49,8 @@ pub struct SessionContext {
     /// Bounds the migrations in flight at once.
     pub migration_permits: Arc<Semaphore>,
     server_version: RwLock<Arc<str>>,
+    /// MariaDB extensions the last backend greeting offered (0 for TiDB and MySQL).
+    mariadb_caps: AtomicU32,
     next_connection_id: AtomicU32,
 }
 
@@ -71,6 +73,7 @@ impl SessionContext {
             closing,
             migration_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_MIGRATIONS)),
             server_version: RwLock::new(version),
+            mariadb_caps: AtomicU32::new(0),
             next_connection_id: AtomicU32::new(1),
         }
     }
@@ -91,6 +94,16 @@ impl SessionContext {
                 .write()
                 .unwrap_or_else(|e| e.into_inner()) = version.into();
         }
+    }
+
+    /// The MariaDB extensions to announce to new clients: those the backends offer and the
+    /// proxy can pass through.
+    pub fn mariadb_caps(&self) -> u32 {
+        self.mariadb_caps.load(Ordering::Relaxed) & crate::protocol::handshake::MARIADB_PASSTHROUGH
+    }
+
+    pub fn remember_mariadb_caps(&self, caps: u32) {
+        self.mariadb_caps.store(caps, Ordering::Relaxed);
     }
 
     pub fn buffer_size(&self) -> usize {
