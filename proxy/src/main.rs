@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&config);
+    let set_log_level = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, cli.config.as_deref())) {
+    match runtime.block_on(run(config, cli.config.as_deref(), set_log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -87,28 +87,66 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+/// Changes the log filter at run time (config reload); an error says why it was refused.
+type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+fn init_logging(config: &Config) -> SetLogLevel {
+    use tracing_subscriber::EnvFilter;
+    // RUST_LOG, when set, wins over the config file, also on reload.
+    let from_env = std::env::var("RUST_LOG").is_ok();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level: &str| {
+                if from_env {
+                    return Err("RUST_LOG is set".into());
+                }
+                handle
+                    .reload(EnvFilter::new(level))
+                    .map_err(|e| e.to_string())
+            })
+        }};
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if config.log.format == "json" {
-        builder.json().init();
+        install!(builder.json())
     } else {
-        builder.init();
+        install!(builder)
     }
 }
 
-async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
-    tls::install_crypto_provider();
-    let config = Arc::new(config);
-    let server_tls =
-        tls::server_config(&config.security.server_tls).context("[security.server-tls]")?;
-    let sql_tls = tls::client_config(&config.security.sql_tls).context("[security.sql-tls]")?;
-    let registry = Registry::new();
-    let static_backends: Vec<BackendSpec> = config
+/// What a config reload changes while the proxy runs: the static backends, the connection
+/// limit and the log level.
+struct LiveSettings {
+    registry: Arc<Registry>,
+    connections: Arc<tiproxy::server::ConnectionCounter>,
+    set_log_level: SetLogLevel,
+}
+
+impl tiproxy::config::reload::ReloadTarget for LiveSettings {
+    fn apply(&mut self, old: &Config, new: &Config) {
+        if old.proxy.backends != new.proxy.backends {
+            self.registry.apply(Source::Static, &static_backends(new));
+        }
+        self.connections.set_max(new.proxy.max_connections);
+        if old.log.level != new.log.level {
+            if let Err(e) = (self.set_log_level)(&new.log.level) {
+                tracing::warn!(error = %e, "log.level not changed");
+            }
+        }
+    }
+}
+
+fn static_backends(config: &Config) -> Vec<BackendSpec> {
+    config
         .proxy
         .backends
         .iter()
@@ -116,8 +154,21 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
             status_addr: b.status_addr.clone(),
             ..BackendSpec::new(b.addr.clone())
         })
-        .collect();
-    registry.apply(Source::Static, &static_backends);
+        .collect()
+}
+
+async fn run(
+    config: Config,
+    path: Option<&Path>,
+    set_log_level: SetLogLevel,
+) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    let config = Arc::new(config);
+    let server_tls =
+        tls::server_config(&config.security.server_tls).context("[security.server-tls]")?;
+    let sql_tls = tls::client_config(&config.security.sql_tls).context("[security.sql-tls]")?;
+    let registry = Registry::new();
+    registry.apply(Source::Static, &static_backends(&config));
     if config.proxy.backends.is_empty() && config.proxy.pd_endpoints().is_empty() {
         tracing::warn!(
             "no static backends and no pd-addrs: backends must be pushed to /api/v1/backends"
@@ -177,6 +228,19 @@ async fn run(config: Config, path: Option<&Path>) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "tiproxy started"
     );
+    if let Some(path) = path {
+        let live = LiveSettings {
+            registry: registry.clone(),
+            connections: server.connections(),
+            set_log_level,
+        };
+        tokio::spawn(tiproxy::config::reload::watch_config_file(
+            path.to_path_buf(),
+            (*config).clone(),
+            live,
+            stopping_rx.clone(),
+        ));
+    }
     let server_task = tokio::spawn(server.run(closing_rx));
 
     shutdown_signal().await;

@@ -1,7 +1,7 @@
 //! The SQL listener: accepts clients, enforces `max-connections`, runs one task per session,
 //! and carries out the graceful shutdown sequence.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,15 +15,21 @@ use crate::protocol::error_code;
 use crate::protocol::response::ErrPacket;
 use crate::session::{self, auth::ClientAddr, SessionContext};
 
-/// Counts live client connections.
+/// Counts live client connections against `max-connections` (which a reload may change).
 #[derive(Debug, Default)]
 pub struct ConnectionCounter {
     live: AtomicUsize,
+    max: AtomicU64,
 }
 
 impl ConnectionCounter {
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// 0 means unlimited.
+    pub fn set_max(&self, max: u64) {
+        self.max.store(max, Ordering::Relaxed);
     }
 }
 
@@ -45,10 +51,12 @@ pub struct SqlServer {
 impl SqlServer {
     pub async fn bind(ctx: Arc<SessionContext>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(&ctx.config.proxy.addr).await?;
+        let connections = Arc::new(ConnectionCounter::default());
+        connections.set_max(ctx.config.proxy.max_connections);
         Ok(Self {
             ctx,
             listener,
-            connections: Arc::default(),
+            connections,
         })
     }
 
@@ -103,7 +111,7 @@ impl SqlServer {
         let live = self.connections.live.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::get().connections.inc();
         let guard = CounterGuard(self.connections.clone());
-        let max = self.ctx.config.proxy.max_connections;
+        let max = self.connections.max.load(Ordering::Relaxed);
         if max > 0 && live as u64 > max {
             tracing::warn!(client = %peer, max, "rejecting connection: max-connections reached");
             metrics::get()

@@ -4,6 +4,7 @@
 //! typo never silently falls back to a default.
 
 mod backend;
+pub mod reload;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
