@@ -76,13 +76,42 @@ pub async fn migrate(
     target: &Backend,
 ) -> Result<(PacketConn, Option<String>), MigrateError> {
     let deprecate_eof = input.backend_caps & cap::DEPRECATE_EOF != 0;
-    let states = match run_query(old, "SHOW SESSION_STATES", deprecate_eof).await {
+    let started = std::time::Instant::now();
+    let target_err = |reason: String| MigrateError::Target {
+        addr: target.addr.clone(),
+        reason,
+    };
+    let mut response = HandshakeResponse {
+        capability: input.backend_caps & !cap::SSL,
+        max_packet_size: input.identity.max_packet_size,
+        collation: input.identity.collation,
+        user: input.identity.user.clone(),
+        auth_plugin: SESSION_TOKEN_PLUGIN.into(),
+        attrs: input.identity.attrs.clone(),
+        zstd_level: input.identity.zstd_level,
+        // Session migration is TiDB's; TiDB has no MariaDB extensions.
+        mariadb_caps: 0,
+        ..Default::default()
+    };
+    if input.tls {
+        response.capability |= cap::SSL;
+    }
+    // Exporting the session and connecting to the target do not depend on each other: doing
+    // them at once takes the connect (and TLS) off the pause the client sees.
+    let export = run_query(old, "SHOW SESSION_STATES", deprecate_eof);
+    let open = tokio::time::timeout(TARGET_TIMEOUT, open_target(ctx, input, target, &response));
+    let (states, opened) = tokio::join!(export, open);
+    let states = match states {
         Ok(r) => r,
         Err(QueryError::Server(e)) => return Err(MigrateError::Refused(e)),
         Err(QueryError::Conn(e)) => return Err(MigrateError::OldBackendLost(e.to_string())),
     };
+    let exported = started.elapsed();
+    let (mut conn, seq) = opened
+        .map_err(|_| target_err("connect timed out".into()))?
+        .map_err(target_err)?;
     let state_json = states.first("Session_states").unwrap_or_default().to_vec();
-    let token = match states.first("Session_token") {
+    response.auth_data = match states.first("Session_token") {
         Some(t) if !t.is_empty() => Bytes::copy_from_slice(t),
         _ => return Err(MigrateError::NoToken),
     };
@@ -94,44 +123,8 @@ pub async fn migrate(
                 .map(str::to_owned)
         })
         .filter(|d| !d.is_empty());
-    let target_err = |reason: String| MigrateError::Target {
-        addr: target.addr.clone(),
-        reason,
-    };
+    response.database.clone_from(&database);
     let login = async {
-        let tcp = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(&target.addr))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut conn, greeting) = open_backend(ctx, tcp, input.client_addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        if input.backend_caps & cap::DEPRECATE_EOF != 0
-            && greeting.capability & cap::DEPRECATE_EOF == 0
-        {
-            return Err("target does not support CLIENT_DEPRECATE_EOF".to_string());
-        }
-        let mut response = HandshakeResponse {
-            capability: input.backend_caps & !cap::SSL,
-            max_packet_size: input.identity.max_packet_size,
-            collation: input.identity.collation,
-            user: input.identity.user.clone(),
-            auth_data: token,
-            database: database.clone(),
-            auth_plugin: SESSION_TOKEN_PLUGIN.into(),
-            attrs: input.identity.attrs.clone(),
-            zstd_level: input.identity.zstd_level,
-            // Session migration is TiDB's; TiDB has no MariaDB extensions.
-            mariadb_caps: 0,
-        };
-        let mut seq = 1;
-        if input.tls {
-            response.capability |= cap::SSL;
-            conn = start_backend_tls(ctx, conn, &response, &target.addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            seq = 2;
-        }
         conn.write_packet(seq, &response.encode())
             .await
             .map_err(|e| e.to_string())?;
@@ -152,21 +145,59 @@ pub async fn migrate(
             input.identity.zstd_level,
         ));
         conn.set_resequence(input.resequence);
+        let logged_in = started.elapsed();
         let sql = format!(
             "SET SESSION_STATES {}",
             quote(&String::from_utf8_lossy(&state_json))
         );
         match run_query(&mut conn, &sql, deprecate_eof).await {
-            Ok(_) => Ok(conn),
+            Ok(_) => {
+                tracing::debug!(
+                    target_backend = %target.addr,
+                    ?exported,
+                    ?logged_in,
+                    imported = ?started.elapsed(),
+                    "migration steps (cumulative)"
+                );
+                Ok(())
+            }
             Err(QueryError::Server(e)) => Err(format!("SET SESSION_STATES failed: {e}")),
             Err(QueryError::Conn(e)) => Err(format!("SET SESSION_STATES: {e}")),
         }
     };
-    let conn = tokio::time::timeout(TARGET_TIMEOUT, login)
+    tokio::time::timeout(TARGET_TIMEOUT, login)
         .await
         .map_err(|_| target_err("timed out".into()))?
         .map_err(target_err)?;
     Ok((conn, database))
+}
+
+/// Connects to the target up to the point where the login packet goes: TCP, the PROXY header,
+/// the greeting and TLS. Returns the connection and the sequence number of the login packet.
+async fn open_target(
+    ctx: &SessionContext,
+    input: &MigrationInput<'_>,
+    target: &Backend,
+    response: &HandshakeResponse,
+) -> Result<(PacketConn, u8), String> {
+    let tcp = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(&target.addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let (conn, greeting) = open_backend(ctx, tcp, input.client_addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    if input.backend_caps & cap::DEPRECATE_EOF != 0 && greeting.capability & cap::DEPRECATE_EOF == 0
+    {
+        return Err("target does not support CLIENT_DEPRECATE_EOF".to_string());
+    }
+    if !input.tls {
+        return Ok((conn, 1));
+    }
+    let conn = start_backend_tls(ctx, conn, response, &target.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((conn, 2))
 }
 
 impl From<MigrateError> for SessionError {
