@@ -38,18 +38,9 @@ revokes the lease (a TiDB that is gone); 'stop' also ends every keep-alive.
 EOF
 }
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-log() { echo "$PROG: $*" >&2; }
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
 
-find_bin() {
-  local b
-  for b in "$@"; do
-    if command -v "$b" >/dev/null 2>&1; then command -v "$b"; return 0; fi
-    if [[ -x /usr/bin/$b ]]; then echo "/usr/bin/$b"; return 0; fi
-    if [[ -x /usr/sbin/$b ]]; then echo "/usr/sbin/$b"; return 0; fi
-  done
-  return 1
-}
 
 CMD=${1:-}
 [[ -n "$CMD" ]] || { usage >&2; exit 2; }
@@ -105,30 +96,9 @@ TIDBDIR="$DIR/tidb"
 export ETCDCTL_API=3
 
 # pid of our etcd if it is running (not a zombie, really an etcd with our data dir), else empty
-running_pid() {
-  local pid state
-  [[ -s "$PIDFILE" ]] || return 0
-  pid=$(<"$PIDFILE")
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-  [[ -r /proc/$pid/stat ]] || return 0
-  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
-  [[ "$state" != Z && -n "$state" ]] || return 0
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--data-dir $DATADIR" || return 0
-  echo "$pid"
-}
+running_pid() { live_pid "$PIDFILE" "--data-dir $DATADIR"; }
 
-port_in_use() {
-  ss -Hltn "( sport = :$1 )" 2>/dev/null | grep -q . && return 0
-  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-  return 1
-}
 
-tail_log() {
-  if [[ -f "$LOGFILE" ]]; then
-    echo "---- last 30 lines of $LOGFILE ----" >&2
-    tail -n 30 "$LOGFILE" >&2 || true
-  fi
-}
 
 endpoints() {
   if [[ -n "$ENDPOINTS" ]]; then echo "$ENDPOINTS"; return; fi
@@ -285,11 +255,11 @@ cmd_start() {
   waited=0
   while ! healthy; do
     if [[ -z "$(running_pid)" ]]; then
-      tail_log
+      tail_log "$LOGFILE"
       die "etcd exited during start-up (log $LOGFILE)"
     fi
     if (( waited >= TIMEOUT * 4 )); then
-      tail_log
+      tail_log "$LOGFILE"
       die "etcd not healthy after ${TIMEOUT}s (log $LOGFILE)"
     fi
     sleep 0.25

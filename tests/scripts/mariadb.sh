@@ -29,17 +29,9 @@ TLS files: DIR/ssl/ca.pem (CA), DIR/ssl/server-cert.pem, DIR/ssl/server-key.pem 
 EOF
 }
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-log() { echo "$PROG: $*" >&2; }
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
 
-find_bin() {
-  local b
-  for b in "$@"; do
-    if command -v "$b" >/dev/null 2>&1; then command -v "$b"; return 0; fi
-    if [[ -x /usr/sbin/$b ]]; then echo "/usr/sbin/$b"; return 0; fi
-  done
-  return 1
-}
 
 CMD=${1:-}
 [[ -n "$CMD" ]] || { usage >&2; exit 2; }
@@ -74,31 +66,9 @@ SSLDIR="$DIR/ssl"
 PORTFILE="$DIR/port"
 
 # pid of our server if it is running (not a zombie, and really a mariadbd/mysqld), else empty
-running_pid() {
-  local pid state
-  [[ -s "$PIDFILE" ]] || return 0
-  pid=$(<"$PIDFILE")
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-  [[ -r /proc/$pid/stat ]] || return 0
-  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
-  [[ "$state" != Z && -n "$state" ]] || return 0
-  grep -qaE 'mariadbd|mysqld' "/proc/$pid/cmdline" 2>/dev/null || return 0
-  echo "$pid"
-}
+running_pid() { live_pid "$PIDFILE" "mariadbd|mysqld"; }
 
-port_in_use() {
-  # true if something listens on 127.0.0.1:$1 or *:$1
-  ss -Hltn "( sport = :$1 )" 2>/dev/null | grep -q . && return 0
-  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-  return 1
-}
 
-tail_log() {
-  if [[ -f "$LOGFILE" ]]; then
-    echo "---- last 30 lines of $LOGFILE ----" >&2
-    tail -n 30 "$LOGFILE" >&2 || true
-  fi
-}
 
 gen_ssl() {
   [[ -s "$SSLDIR/ca.pem" && -s "$SSLDIR/server-cert.pem" && -s "$SSLDIR/server-key.pem" ]] && return 0
@@ -190,11 +160,11 @@ cmd_start() {
     fi
     pid=$(running_pid)
     if [[ -z "$pid" && $waited -ge 3 ]] && ! pgrep -f -- "--defaults-file=$CNF" >/dev/null 2>&1; then
-      tail_log
+      tail_log "$LOGFILE"
       die "mariadbd exited during start-up (log $LOGFILE)"
     fi
     if (( waited >= TIMEOUT * 4 )); then
-      tail_log
+      tail_log "$LOGFILE"
       die "MariaDB not ready after ${TIMEOUT}s (log $LOGFILE)"
     fi
     sleep 0.25
@@ -202,7 +172,7 @@ cmd_start() {
   done
 
   # Accounts and schema: idempotent, re-run on every start.
-  sql <<'EOF' || { tail_log; die "setting up test users failed"; }
+  sql <<'EOF' || { tail_log "$LOGFILE"; die "setting up test users failed"; }
 SET sql_log_bin = 0;
 CREATE USER IF NOT EXISTS 'root'@'%';
 ALTER USER 'root'@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('');
@@ -229,7 +199,7 @@ EOF
     have_ed=$(sql -e "SELECT COUNT(*) FROM information_schema.plugins WHERE plugin_name='ed25519' AND plugin_status='ACTIVE'")
   fi
   if [[ "$have_ed" == 1 ]]; then
-    sql <<'EOF' || { tail_log; die "creating tp_ed25519 failed"; }
+    sql <<'EOF' || { tail_log "$LOGFILE"; die "creating tp_ed25519 failed"; }
 CREATE USER IF NOT EXISTS 'tp_ed25519'@'%';
 ALTER USER 'tp_ed25519'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('ed_pw');
 GRANT ALL PRIVILEGES ON tp_test.* TO 'tp_ed25519'@'%';
@@ -237,7 +207,7 @@ EOF
   fi
   # TCP login check (what the tests use)
   "$CLIENT" --no-defaults -h127.0.0.1 -P"$PORT" -uroot -e 'select 1' >/dev/null 2>&1 \
-    || { tail_log; die "TCP login as root to 127.0.0.1:$PORT failed"; }
+    || { tail_log "$LOGFILE"; die "TCP login as root to 127.0.0.1:$PORT failed"; }
   pid=$(running_pid)
   [[ -n "$pid" ]] || die "pid file $PIDFILE missing after start"
   echo "mariadb addr=127.0.0.1:$PORT pid=$pid"

@@ -50,8 +50,8 @@ Binary: \$TIDB_SERVER if set, else the one cached/built by tests/scripts/build-t
 EOF
 }
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-log() { echo "$PROG: $*" >&2; }
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
 
 ip_of() { echo "127.0.0.$((10 + $1))"; }
 
@@ -98,17 +98,7 @@ DIR=$(cd "$DIR" && pwd)
 pidfile() { echo "$DIR/tidb-$1.pid"; }
 
 # pid of instance $1 if it runs (alive, not a zombie, really our tidb-server), else empty
-running_pid() {
-  local f pid state
-  f=$(pidfile "$1")
-  [[ -s "$f" ]] || return 0
-  pid=$(<"$f")
-  [[ "$pid" =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || return 0
-  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
-  [[ -n "$state" && "$state" != Z ]] || return 0
-  grep -qaF -- "$DIR/tidb-$1.toml" "/proc/$pid/cmdline" 2>/dev/null || return 0
-  echo "$pid"
-}
+running_pid() { live_pid "$(pidfile "$1")" "$DIR/tidb-$1.toml"; }
 
 http_code() {
   curl -s -o /dev/null -w '%{http_code}' --connect-timeout 1 --max-time 2 "http://$1:$STATUS_PORT/status" 2>/dev/null || true
