@@ -111,6 +111,31 @@ fn assert_no_session_errors(proxy: &Proxy) {
 
 // ---- a session with state ---------------------------------------------------------------------
 
+/// Two TiDBs of which only the first is pushed to a new proxy, and two sessions on it, each
+/// inside a transaction that has written one row (`ids`) to `w`.
+async fn sessions_writing_in_transactions(
+    instance: u32,
+    names: [&str; 2],
+    ids: [u64; 2],
+) -> (TidbCluster, Proxy, [Client; 2]) {
+    let tidb = TidbCluster::start(migration_instance(instance), 2, 5, false).await;
+    create_schema(&tidb).await;
+    let proxy = start_proxy("");
+    push_and_wait_healthy(&proxy, 1, &[Pushed::tidb(&tidb, 0)]).await;
+    let mut clients = [
+        Client::open(&proxy, names[0]).await,
+        Client::open(&proxy, names[1]).await,
+    ];
+    for (c, id) in clients.iter_mut().zip(ids) {
+        c.sql("BEGIN").await;
+        c.sql(&format!("INSERT INTO w (id, client) VALUES ({id}, 0)"))
+            .await;
+        let inst = serving_tidb(&mut c.conn).await.unwrap();
+        assert_eq!(inst, tidb.addr(0), "{} writes on TiDB-1", c.name);
+    }
+    (tidb, proxy, clients)
+}
+
 /// A mysql_async session through the proxy that set up state to be checked after every move.
 struct Client {
     name: String,
@@ -453,21 +478,9 @@ async fn b_scale_in_moves_sessions_during_graceful_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_transaction_holds_session_until_it_ends() {
     let _slot = slot(1).await;
-    let tidb = TidbCluster::start(migration_instance(4), 2, 5, false).await;
-    create_schema(&tidb).await;
+    let (tidb, proxy, [mut a, mut b]) =
+        sessions_writing_in_transactions(4, ["txn_commit", "txn_hold"], [1001, 2001]).await;
     let (t1, t2) = (tidb.addr(0), tidb.addr(1));
-    let proxy = start_proxy("");
-    push_and_wait_healthy(&proxy, 1, &[Pushed::tidb(&tidb, 0)]).await;
-
-    let mut a = Client::open(&proxy, "txn_commit").await;
-    let mut b = Client::open(&proxy, "txn_hold").await;
-    for (c, id) in [(&mut a, 1001u64), (&mut b, 2001)] {
-        c.sql("BEGIN").await;
-        c.sql(&format!("INSERT INTO w (id, client) VALUES ({id}, 0)"))
-            .await;
-        let inst = serving_tidb(&mut c.conn).await.unwrap();
-        assert_eq!(inst, t1, "{} writes on TiDB-1", c.name);
-    }
 
     proxy
         .push_ok(
@@ -1102,20 +1115,9 @@ async fn g_push_draining_empties_backend_before_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h_scale_out_waits_for_open_transactions() {
     let _slot = slot(1).await;
-    let tidb = TidbCluster::start(migration_instance(15), 2, 5, false).await;
-    create_schema(&tidb).await;
+    let (tidb, proxy, [mut c1, mut c2]) =
+        sessions_writing_in_transactions(15, ["open1", "open2"], [3001, 3002]).await;
     let (t1, t2) = (tidb.addr(0), tidb.addr(1));
-    let proxy = start_proxy("");
-    push_and_wait_healthy(&proxy, 1, &[Pushed::tidb(&tidb, 0)]).await;
-
-    let mut c1 = Client::open(&proxy, "open1").await;
-    let mut c2 = Client::open(&proxy, "open2").await;
-    for (c, id) in [(&mut c1, 3001u64), (&mut c2, 3002)] {
-        c.sql("BEGIN").await;
-        c.sql(&format!("INSERT INTO w (id, client) VALUES ({id}, 0)"))
-            .await;
-        assert_eq!(serving_tidb(&mut c.conn).await.unwrap(), t1, "{}", c.name);
-    }
 
     push_and_wait_healthy(&proxy, 2, &[Pushed::tidb(&tidb, 0), Pushed::tidb(&tidb, 1)]).await;
     let start = Instant::now();
