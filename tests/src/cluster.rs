@@ -20,7 +20,7 @@ use mysql_async::prelude::*;
 use mysql_async::Conn;
 use serde_json::Value as Json;
 
-use crate::{connect, opts_for, unique_name, workspace_dir, Proxy};
+use crate::{connect, opts_for, workspace_dir, Proxy, TempDir};
 
 /// `tests/scripts` of the workspace.
 pub fn scripts_dir() -> PathBuf {
@@ -137,34 +137,6 @@ async fn run_script_ok(script: &str, args: Vec<String>) -> String {
     out
 }
 
-/// A directory for server state: removed on drop unless the test failed (then its path is
-/// printed so the servers' logs can be read).
-#[derive(Debug)]
-pub struct StateDir(PathBuf);
-
-impl StateDir {
-    pub fn new(prefix: &str) -> StateDir {
-        let dir = std::env::temp_dir().join(unique_name(prefix));
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        StateDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("server logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 // ---- TiDB ------------------------------------------------------------------------------------
 
 /// TiDB instances `first..first+n` started by `tidb.sh` in a directory of their own; every
@@ -175,7 +147,7 @@ pub struct TidbCluster {
     graceful_wait: u32,
     persistent: bool,
     // Dropped after the servers are stopped (fields drop in order, after Drop::drop).
-    dir: StateDir,
+    dir: TempDir,
 }
 
 impl TidbCluster {
@@ -195,7 +167,7 @@ impl TidbCluster {
             instances,
             graceful_wait,
             persistent,
-            dir: StateDir::new("tiproxy-tidb"),
+            dir: TempDir::new("tiproxy-tidb"),
         };
         let mut args = cluster.common_args();
         args.splice(0..0, ["start".into(), n.to_string()]);
@@ -387,7 +359,7 @@ impl Drop for BackgroundStop {
 #[derive(Debug)]
 pub struct Etcd {
     port: u16,
-    dir: StateDir,
+    dir: TempDir,
 }
 
 fn port_free(port: u16) -> bool {
@@ -396,7 +368,7 @@ fn port_free(port: u16) -> bool {
 
 impl Etcd {
     pub async fn start() -> Etcd {
-        let dir = StateDir::new("tiproxy-etcd");
+        let dir = TempDir::new("tiproxy-etcd");
         // Client port P and peer port P+1 must both be free; start from a pid-dependent port
         // so concurrent test processes rarely collide, and retry on a lost race.
         let mut port = 23000 + (std::process::id() % 500) as u16 * 4;

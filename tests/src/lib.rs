@@ -371,7 +371,8 @@ pub fn proxy_bin() -> PathBuf {
     path
 }
 
-/// A temporary directory removed on drop.
+/// A temporary directory, removed on drop unless the test failed (then its path is printed so
+/// the logs in it can be read).
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
 
@@ -390,7 +391,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
