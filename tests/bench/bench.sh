@@ -40,8 +40,8 @@ A full run with the defaults takes about 12 minutes.
 EOF
 }
 
-die() { echo "bench: error: $*" >&2; exit 1; }
-log() { echo "bench: $*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=../scripts/common.sh
+source "$ROOT/tests/scripts/common.sh"
 
 ROUNDS="" TIME="" THREADS="" IDLE="" QUICK=0 PORT=3317 WORK="" KEEP=0 TIPROXY=""
 DO_TP=1 DO_MEM=1
@@ -78,14 +78,6 @@ WARMUP=$(( TIME < 3 ? 1 : 3 ))
 (( QUICK )) && WARMUP=1
 
 # ---- prerequisites ---------------------------------------------------------------------------
-find_bin() {
-  local b
-  for b in "$@"; do
-    if command -v "$b" >/dev/null 2>&1; then command -v "$b"; return 0; fi
-    [[ -x /usr/sbin/$b ]] && { echo "/usr/sbin/$b"; return 0; }
-  done
-  return 1
-}
 SYSBENCH=$(find_bin sysbench) || die "sysbench not found (apt-get install sysbench, or tests/scripts/install-deps.sh)"
 HAPROXY=$(find_bin haproxy) || die "haproxy not found (apt-get install haproxy, or tests/scripts/install-deps.sh)"
 MYSQL=$(find_bin mariadb mysql) || die "mariadb client not found (apt-get install mariadb-client)"
@@ -117,7 +109,6 @@ if [[ -z "$TIPROXY" ]]; then
 fi
 [[ -x "$TIPROXY" ]] || die "tiproxy binary $TIPROXY not found or not executable"
 
-port_in_use() { ss -Hltn "( sport = :$1 )" 2>/dev/null | grep -q .; }
 for p in "$PORT" "$HAP_PORT" "$TP_PORT" "$API_PORT"; do
   port_in_use "$p" && die "port $p is already in use; pick another base with --port (uses P..P+3)"
 done
@@ -138,16 +129,9 @@ DB_STARTED=0
 OK=0
 
 cleanup() {
-  local rc=$? pid
+  local rc=$?
   trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in {1..50}; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_children "${PIDS[@]}"
   if (( DB_STARTED )); then
     bash "$ROOT/tests/scripts/mariadb.sh" stop --dir "$DBDIR" >/dev/null 2>&1 \
       || log "warning: stopping MariaDB in $DBDIR failed"
@@ -177,7 +161,6 @@ stop_pid() {  # SIGTERM, wait up to 10 s, then SIGKILL
   forget_pid "$pid"
 }
 
-alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
 
 wait_listen() {  # port pid name logfile
   local i

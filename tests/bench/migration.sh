@@ -53,8 +53,8 @@ mysql/mariadb client, openssl and ss. A full run takes roughly 5-10 minutes on 2
 EOF
 }
 
-die() { echo "migration: error: $*" >&2; exit 1; }
-log() { echo "migration: $*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=../scripts/common.sh
+source "$ROOT/tests/scripts/common.sh"
 
 SESSIONS="" CLIENTS=8 ROUND_TRIPS="" BASELINE="" DWELL=0.5 QUICK=0 GRACEFUL_WAIT=30 FIRST=71
 PORT=6470 PROCS=4 VERIFY_SAMPLE=100 WORK="" KEEP=0 TIPROXY=""
@@ -135,7 +135,6 @@ if [[ -z "$TIPROXY" ]]; then
 fi
 [[ -x "$TIPROXY" ]] || die "tiproxy binary $TIPROXY not found or not executable"
 
-port_in_use() { ss -Hltn "( sport = :$1 )" 2>/dev/null | grep -q .; }
 for p in "$PORT" "$API_PORT"; do
   port_in_use "$p" && die "port $p is already in use; pick another with --port (uses P and P+1)"
 done
@@ -155,16 +154,9 @@ TIDB_STARTED=0
 OK=0
 
 cleanup() {
-  local rc=$? pid
+  local rc=$?
   trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in {1..50}; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_children "${PIDS[@]}"
   if (( TIDB_STARTED )); then
     bash "$TIDB_SH" stop --dir "$TIDB_DIR" >/dev/null 2>&1 \
       || log "warning: stopping the TiDB servers in $TIDB_DIR failed"
@@ -179,7 +171,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
 
 # Run a Python driver in the background (so a signal to this script can stop it) and wait.
 run_py() {

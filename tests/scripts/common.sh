@@ -36,6 +36,22 @@ port_in_use() {
   return 1
 }
 
+# True while process $1 exists and is not a zombie.
+alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
+
+# Stops the given child processes: SIGTERM to all, up to 5 s each to exit, then SIGKILL.
+stop_children() {
+  local pid
+  for pid in "$@"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "$@"; do
+    for _ in {1..50}; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+}
+
 tail_log() {
   if [[ -f "$1" ]]; then
     echo "---- last 30 lines of $1 ----" >&2
