@@ -34,6 +34,8 @@ pub const DEFAULT_SERVICE_PORT: i32 = 6000;
 pub const DEFAULT_GRACEFUL_WAIT_BEFORE_SHUTDOWN_SECONDS: i32 = 10;
 /// Default seconds a terminating proxy waits for connections to close.
 pub const DEFAULT_GRACEFUL_CLOSE_CONN_TIMEOUT_SECONDS: i32 = 15;
+/// Default seconds a new proxy pod must be ready before the rollout continues.
+pub const DEFAULT_MIN_READY_SECONDS: i32 = 5;
 /// Maximum length of a `TiProxy` name: derived object names (`<name>-session-token`, …) must
 /// stay valid DNS-1035 labels (63 characters).
 pub const MAX_NAME_LENGTH: usize = 48;
@@ -73,6 +75,13 @@ pub const MAX_NAME_LENGTH: usize = 48;
         type_ = "integer",
         description = "Active TiDB backends",
         json_path = ".status.activeBackends"
+    ),
+    printcolumn(
+        name = "Generation",
+        type_ = "integer",
+        description = "Generation of the backend set last pushed to the proxies",
+        json_path = ".status.backendGeneration",
+        priority = 1
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 48")
@@ -147,6 +156,16 @@ pub struct TiProxySpec {
     /// Extra annotations on the proxy pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+
+    /// Priority class of the proxy pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// Seconds a new proxy pod must be ready before the rollout replaces the next one.
+    #[serde(default = "default_min_ready_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub min_ready_seconds: i32,
 
     /// PodDisruptionBudget for the proxy pods.
     #[serde(default)]
@@ -269,7 +288,9 @@ pub struct SessionTokenSpec {
     validation = Rule::new("!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0 || self.type == 'LoadBalancer'")
         .message("loadBalancerSourceRanges requires type LoadBalancer"),
     validation = Rule::new("!has(self.externalTrafficPolicy) || self.type != 'ClusterIP'")
-        .message("externalTrafficPolicy requires type NodePort or LoadBalancer")
+        .message("externalTrafficPolicy requires type NodePort or LoadBalancer"),
+    validation = Rule::new("!has(self.loadBalancerClass) || self.type == 'LoadBalancer'")
+        .message("loadBalancerClass requires type LoadBalancer")
 )]
 pub struct ServiceSpec {
     /// Service type.
@@ -290,6 +311,15 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 
+    /// Extra labels on the Service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+
+    /// Load balancer implementation (LoadBalancer only), e.g. `service.k8s.aws/nlb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub load_balancer_class: Option<String>,
+
     /// Client CIDRs allowed through the load balancer (LoadBalancer only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 64)))]
@@ -307,6 +337,8 @@ impl Default for ServiceSpec {
             port: DEFAULT_SERVICE_PORT,
             node_port: None,
             annotations: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            load_balancer_class: None,
             load_balancer_source_ranges: Vec::new(),
             external_traffic_policy: None,
         }
@@ -368,6 +400,10 @@ pub struct TiProxyStatus {
     #[serde(default)]
     pub ready_replicas: i32,
 
+    /// Number of proxy pods running the current pod template.
+    #[serde(default)]
+    pub updated_replicas: i32,
+
     /// Label selector of the proxy pods, as a string (scale subresource, HPA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
@@ -382,10 +418,33 @@ pub struct TiProxyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_backends: Option<i32>,
 
+    /// Generation of the backend set last pushed to the proxies (rises with every change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_generation: Option<u64>,
+
     /// TiDB backends known to the operator.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub backends: Vec<BackendStatus>,
+
+    /// Proxy pods and the backend generation each has acknowledged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub proxies: Vec<ProxyStatus>,
+}
+
+/// One proxy pod, as the operator last reached it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    /// Proxy pod name.
+    pub pod: String,
+    /// Backend generation the proxy acknowledged; unset until the first push succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_generation: Option<u64>,
+    /// Why the last push failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One TiDB backend.
@@ -407,8 +466,6 @@ pub enum BackendState {
     Active,
     /// Terminating or no longer ready; sessions are being migrated away.
     Draining,
-    /// Deleted.
-    Gone,
 }
 
 fn default_replicas() -> i32 {
@@ -428,6 +485,9 @@ fn default_graceful_wait_before_shutdown_seconds() -> i32 {
 }
 fn default_graceful_close_conn_timeout_seconds() -> i32 {
     DEFAULT_GRACEFUL_CLOSE_CONN_TIMEOUT_SECONDS
+}
+fn default_min_ready_seconds() -> i32 {
+    DEFAULT_MIN_READY_SECONDS
 }
 fn default_true() -> bool {
     true

@@ -59,7 +59,7 @@ fn crd_shape() {
         .iter()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(cols, ["Ready", "Replicas", "Backends", "Age"]);
+    assert_eq!(cols, ["Ready", "Replicas", "Backends", "Generation", "Age"]);
 
     // Rules are present in the schema the apiserver gets.
     let schema = serde_json::to_string(&crd).unwrap();
@@ -161,6 +161,8 @@ fn sample() -> TiProxy {
             topology_spread_constraints: vec![],
             pod_labels: Default::default(),
             pod_annotations: Default::default(),
+            priority_class_name: None,
+            min_ready_seconds: 5,
             pod_disruption_budget: Default::default(),
             graceful_wait_before_shutdown_seconds: 10,
             graceful_close_conn_timeout_seconds: 15,
