@@ -4,6 +4,7 @@
 //! rendering used by `tiproxy-operator crd`.
 
 pub mod api;
+pub mod metrics;
 pub mod names;
 
 use kube::CustomResourceExt;
