@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
-use tiproxy::api::{self, ApiState};
+use tiproxy::api::{self, ApiSettings, ApiState};
 use tiproxy::backend::{run_balancer, BackendSpec, BalanceConfig, Registry, Source};
 use tiproxy::config::Config;
 use tiproxy::net::tls;
@@ -43,7 +43,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match Config::load(file) {
+        // The token file is checked too: a deployment whose Secret is not mounted should fail
+        // here, not when the proxy starts.
+        return match Config::load(file).and_then(|c| c.api.load_token()) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -124,11 +126,12 @@ fn init_logging(config: &Config) -> SetLogLevel {
 }
 
 /// What a config reload changes while the proxy runs: the static backends, the connection
-/// limit and the log level.
+/// limit, the log level, and the `[api]` token and readiness rule.
 struct LiveSettings {
     registry: Arc<Registry>,
     connections: Arc<tiproxy::server::ConnectionCounter>,
     set_log_level: SetLogLevel,
+    api: Arc<ApiSettings>,
 }
 
 impl tiproxy::config::reload::ReloadTarget for LiveSettings {
@@ -142,6 +145,11 @@ impl tiproxy::config::reload::ReloadTarget for LiveSettings {
                 tracing::warn!(error = %e, "log.level not changed");
             }
         }
+    }
+
+    /// Every poll, not only on change: the token file can be rotated under an unchanged config.
+    fn tick(&mut self, current: &Config) {
+        self.api.reload(&current.api);
     }
 }
 
@@ -167,6 +175,7 @@ async fn run(
     let server_tls =
         tls::server_config(&config.security.server_tls).context("[security.server-tls]")?;
     let sql_tls = tls::client_config(&config.security.sql_tls).context("[security.sql-tls]")?;
+    let api_settings = ApiSettings::from_config(&config.api)?;
     let registry = Registry::new();
     registry.apply(Source::Static, &static_backends(&config));
     if config.proxy.backends.is_empty() && config.proxy.pd_endpoints().is_empty() {
@@ -218,6 +227,7 @@ async fn run(
         ApiState {
             ready: ready.clone(),
             registry: registry.clone(),
+            settings: api_settings.clone(),
         },
         stopping_rx.clone(),
     ));
@@ -226,6 +236,8 @@ async fn run(
         api = %api_listener_addr,
         config = %path.map_or_else(|| "<defaults>".into(), |p| p.display().to_string()),
         version = env!("CARGO_PKG_VERSION"),
+        api_token = api_settings.auth.required(),
+        ready_requires_backend = config.api.ready_requires_backend,
         "tiproxy started"
     );
     if let Some(path) = path {
@@ -233,6 +245,7 @@ async fn run(
             registry: registry.clone(),
             connections: server.connections(),
             set_log_level,
+            api: api_settings.clone(),
         };
         tokio::spawn(tiproxy::config::reload::watch_config_file(
             path.to_path_buf(),

@@ -5,6 +5,7 @@
 
 mod backend;
 pub mod reload;
+mod token;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use backend::BackendAddr;
+pub use token::{ApiToken, TOKEN_FILE_MAX_BYTES};
 
 /// Everything the proxy reads from its config file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -150,13 +152,33 @@ impl ProxyConfig {
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ApiConfig {
     pub addr: String,
+    /// File holding the bearer token that mutating endpoints (`PUT /api/v1/backends`) require;
+    /// empty = no token. Re-read every poll so that a rotated Kubernetes Secret takes effect.
+    pub token_file: PathBuf,
+    /// `/readyz` answers 503 until at least one backend is active and usable, so a fresh pod
+    /// is not put behind a Service before it has somewhere to send clients.
+    pub ready_requires_backend: bool,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             addr: "0.0.0.0:3080".into(),
+            token_file: PathBuf::new(),
+            ready_requires_backend: false,
         }
+    }
+}
+
+impl ApiConfig {
+    /// The configured token file, or `None` when mutating endpoints are open.
+    pub fn token_path(&self) -> Option<&Path> {
+        (!self.token_file.as_os_str().is_empty()).then_some(self.token_file.as_path())
+    }
+
+    /// Reads the token file when one is configured. The error names the key and the path.
+    pub fn load_token(&self) -> Result<Option<ApiToken>, ConfigError> {
+        self.token_path().map(ApiToken::read).transpose()
     }
 }
 
@@ -238,6 +260,9 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// `api.token-file` is set but gives no usable token.
+    #[error("api.token-file {path}: {message}")]
+    TokenFile { path: PathBuf, message: String },
 }
 
 /// `value > min`, false for NaN.
@@ -407,6 +432,31 @@ mod tests {
         assert_eq!(c.log.level, "info");
         assert!(!c.security.server_tls.enabled());
         assert!(!c.security.sql_tls.enabled());
+        assert_eq!(c.api.token_path(), None);
+        assert!(c.api.load_token().unwrap().is_none());
+        assert!(!c.api.ready_requires_backend);
+    }
+
+    #[test]
+    fn api_keys_parse() {
+        let c = Config::parse(
+            "[api]\ntoken-file = \"/run/secrets/tiproxy/token\"\nready-requires-backend = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.api.token_path(),
+            Some(Path::new("/run/secrets/tiproxy/token"))
+        );
+        assert!(c.api.ready_requires_backend);
+        // Parsing does not read the file (a reload must not fail because a Secret is briefly
+        // missing); loading it names the key and the path.
+        let err = c.api.load_token().unwrap_err().to_string();
+        assert!(
+            err.contains("api.token-file") && err.contains("/run/secrets/tiproxy/token"),
+            "{err}"
+        );
+        let err = Config::parse("[api]\nready-requires-backend = \"yes\"\n").unwrap_err();
+        assert!(err.to_string().contains("ready-requires-backend"), "{err}");
     }
 
     #[test]
