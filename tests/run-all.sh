@@ -2,15 +2,21 @@
 # shellcheck disable=SC2317  # functions are called through run_step and traps
 # The one command that runs tiproxy's whole test suite against real servers:
 #   1. builds the workspace (binaries and tests) and TiDB (tests/scripts/build-tidb.sh, cached);
-#   2. starts 2 TiDB servers and a private MariaDB in a temporary test-bed directory;
-#   3. runs `cargo test --workspace`, then `python3 -m pytest -q tests/python` when that exists,
-#      with TIPROXY_TEST_TIDB, TIPROXY_TEST_MARIADB, TIPROXY_TEST_MARIADB_CA and TIPROXY_BIN set;
-#   4. always stops the servers it started (trap), prints a summary, exits non-zero on failure.
+#   2. builds (first run only; cached under ~/.cache/tiproxy-rs) helm, kube-apiserver and etcd 3.6
+#      with tests/scripts/build-go-tool.sh, for the operator and Helm chart tests;
+#   3. starts 2 TiDB servers and a private MariaDB in a temporary test-bed directory;
+#   4. runs `cargo test --workspace`, then `python3 -m pytest -q tests/python` when that exists,
+#      with TIPROXY_TEST_TIDB, TIPROXY_TEST_MARIADB, TIPROXY_TEST_MARIADB_CA, TIPROXY_BIN,
+#      TIPROXY_HELM, TIPROXY_KUBE_APISERVER and TIPROXY_ETCD3 set;
+#   5. always stops the servers it started (trap), prints a summary, exits non-zero on failure.
 #
 # TiDB instance i listens on 127.0.0.(10+i):4000; when 127.0.0.11/12 are taken (another test
 # bed), the next free pair of instance numbers is used. MariaDB uses 3307, or the next free port.
 # The session-migration tests (tests/tests/migration.rs) start and stop TiDBs and an etcd of
 # their own: a free block of 17 instance numbers from 51 up (tests/src/cluster.rs).
+# The operator and chart tests start one private etcd + kube-apiserver per test process on free
+# 127.0.0.1 ports (tests/scripts/kube-apiserver.sh, tests/src/kube.rs); it stops by itself when
+# the test process exits.
 #
 # Environment:
 #   TIPROXY_TESTBED_DIR  where to put the test bed (default: a new directory under /tmp, removed
@@ -21,6 +27,8 @@
 #   TIPROXY_MIGRATION_FIRST  first instance number of the migration tests' block (default: the
 #                        first free one of 51, 68, 85, ...)
 #   PYTEST_ARGS          extra arguments for pytest
+#   TIPROXY_HELM, TIPROXY_KUBE_APISERVER, TIPROXY_ETCD3  use these binaries instead of building
+#                        helm v3, kube-apiserver and etcd 3.6 (the system etcd is 3.4: too old)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -165,6 +173,22 @@ build_tidb() {
   log "tidb-server: $(tail -n 1 <<<"$out")"
 }
 
+# Exports TIPROXY_HELM, TIPROXY_KUBE_APISERVER and TIPROXY_ETCD3 (each kept when already set).
+build_kube_tools() {
+  local var tool path
+  for var in TIPROXY_HELM:helm TIPROXY_KUBE_APISERVER:kube-apiserver TIPROXY_ETCD3:etcd; do
+    tool=${var#*:}
+    var=${var%%:*}
+    path=${!var:-}
+    if [[ -z "$path" ]]; then
+      path=$(bash "$SCRIPTS/build-go-tool.sh" "$tool" | tail -n 1) || { log "building $tool failed"; return 1; }
+    fi
+    [[ -x "$path" ]] || { log "$tool binary '$path' is not executable"; return 1; }
+    export "$var=$path"
+    log "$var=$path"
+  done
+}
+
 run_cargo_tests() {
   # shellcheck disable=SC2086  # CARGO_TEST_ARGS is split on purpose
   cargo test --workspace --no-fail-fast ${CARGO_TEST_ARGS:-}
@@ -186,6 +210,8 @@ run_pytest() {
 run_step "build workspace (cargo)" build_rust || exit 1
 export TIPROXY_BIN=${TIPROXY_BIN:-$TARGET_DIR/debug/tiproxy}
 [[ -x "$TIPROXY_BIN" ]] || { log "proxy binary $TIPROXY_BIN missing after the build"; FAILED=1; exit 1; }
+
+run_step "build helm, kube-apiserver, etcd 3.6" build_kube_tools || exit 1
 
 if [[ "${TIPROXY_REUSE_TESTBED:-0}" == 1 && -n "${TIPROXY_TEST_TIDB:-}" \
   && -n "${TIPROXY_TEST_MARIADB:-}" && -n "${TIPROXY_TEST_MARIADB_CA:-}" ]]; then

@@ -22,6 +22,7 @@ use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, Row, SslOpts, Value};
 
 pub mod cluster;
+pub mod kube;
 
 // ---- test bed -------------------------------------------------------------------------------
 
