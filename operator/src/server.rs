@@ -1,0 +1,48 @@
+//! The operator's own HTTP endpoint: `/healthz` (liveness), `/readyz` (the TiProxy CRD is
+//! served and the controller runs) and `/metrics` (Prometheus).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, TextEncoder};
+use tokio::net::TcpListener;
+
+use crate::metrics;
+
+pub fn router(ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(ready)
+}
+
+async fn readyz(State(ready): State<Arc<AtomicBool>>) -> impl IntoResponse {
+    if ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    let mut out = Vec::new();
+    match TextEncoder::new().encode(&metrics::registry().gather(), &mut out) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+    axum::serve(listener, router(ready)).await
+}
