@@ -20,7 +20,10 @@ pub struct Metrics {
 
 fn build() -> (Metrics, Registry) {
     let reconciles = IntCounterVec::new(
-        Opts::new("tiproxy_operator_reconcile_total", "Reconcile runs by result"),
+        Opts::new(
+            "tiproxy_operator_reconcile_total",
+            "Reconcile runs by result",
+        ),
         &["result"],
     )
     .expect("static metric definition");

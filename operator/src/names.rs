@@ -36,7 +36,10 @@ pub const API_TOKEN_KEY: &str = "token";
 pub fn selector_labels(tiproxy: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
-        ("app.kubernetes.io/instance".to_string(), tiproxy.to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            tiproxy.to_string(),
+        ),
     ])
 }
 
