@@ -567,6 +567,61 @@ async fn crd_established(api: &Api<CustomResourceDefinition>) -> bool {
         .any(|c| c.type_ == "Established" && c.status == "True")
 }
 
+/// The operator binary: `TIPROXY_OPERATOR_BIN`, else `<target>/debug/tiproxy-operator`.
+fn operator_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TIPROXY_OPERATOR_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                workspace_dir().join(p)
+            }
+        })
+        .unwrap_or_else(|| workspace_dir().join("target"));
+    let path = target.join("debug").join("tiproxy-operator");
+    assert!(
+        path.is_file(),
+        "operator binary {} not found: build it with `cargo build -p tiproxy-operator` (or set \
+         TIPROXY_OPERATOR_BIN); `bash tests/run-all.sh` does both",
+        path.display()
+    );
+    path
+}
+
+/// A running operator process, killed on drop.
+struct OperatorProcess {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl OperatorProcess {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// HTTP status of `GET path` on `addr`, if it answers.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
 #[tokio::test]
 async fn helm_install_and_uninstall_against_kube_apiserver() {
     let server = KubeApiServer::shared();
@@ -788,6 +843,67 @@ async fn helm_install_and_uninstall_against_kube_apiserver() {
         .create(&PostParams::default(), &tp)
         .await
         .expect("admin creates a TiProxy");
+
+    // The real operator, with exactly the chart's permissions (the admin kubeconfig
+    // impersonating the release's ServiceAccount) and the chart's arguments (but a local
+    // metrics port), gets ready and reconciles that TiProxy into a proxy Deployment.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let mut op_args = args.clone();
+    let i = op_args
+        .iter()
+        .position(|a| a == "--metrics-addr")
+        .expect("--metrics-addr in the chart's args");
+    op_args[i + 1] = metrics.clone();
+    let op_log = home.path().join("operator.log");
+    let log_file = std::fs::File::create(&op_log).expect("operator log file");
+    let operator = OperatorProcess {
+        child: Command::new(operator_bin())
+            .args(&op_args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env(
+                "KUBE_RS_DEBUG_IMPERSONATE_USER",
+                format!("system:serviceaccount:{ns}:{name}"),
+            )
+            .env(
+                "KUBE_RS_DEBUG_IMPERSONATE_GROUP",
+                format!("system:serviceaccounts,system:serviceaccounts:{ns},system:authenticated"),
+            )
+            .env_remove("RUST_LOG")
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("starting tiproxy-operator"),
+        log: op_log,
+    };
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let mut ready = false;
+    let mut reconciled = false;
+    for _ in 0..300 {
+        ready = ready || http_status(&metrics, "/readyz") == Some(200);
+        if ready && deployments.get_opt("demo").await.expect("get").is_some() {
+            reconciled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = operator.log();
+    assert!(
+        ready,
+        "the operator never became ready with the chart's RBAC; its log:\n{log}"
+    );
+    assert!(
+        reconciled,
+        "the operator did not create the proxy Deployment of TiProxy demo; its log:\n{log}"
+    );
+    let lower = log.to_lowercase();
+    assert!(
+        !lower.contains("forbidden"),
+        "the chart's RBAC refused the operator something; its log:\n{log}"
+    );
+    drop(operator);
 
     // ---- namespaced install (watchNamespace): a Role, effective in that namespace only ----
     let watched = server.namespace("chart-watched").await;
