@@ -1,11 +1,18 @@
 //! Kubernetes operator for tiproxy.
 //!
-//! For now this crate holds the `TiProxy` custom resource definition (`api`) and the CRD
-//! rendering used by `tiproxy-operator crd`.
+//! * `api`: the `TiProxy` custom resource; `crd_yaml` renders its CRD.
+//! * `resources`: pure builders from a TiProxy to the objects that run it.
+//! * `controller`: the reconcile loop (server-side apply, status, events, backoff).
+//! * `topology`: watches TiDB and proxy pods and pushes backend sets to the proxies.
+//! * `server`: the operator's `/healthz`, `/readyz` and `/metrics`.
 
 pub mod api;
+pub mod controller;
 pub mod metrics;
 pub mod names;
+pub mod resources;
+pub mod server;
+pub mod topology;
 
 use kube::CustomResourceExt;
 

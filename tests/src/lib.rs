@@ -9,6 +9,8 @@
 //! * `TIPROXY_TEST_MARIADB`: the MariaDB SQL address (`127.0.0.1:3307`)
 //! * `TIPROXY_TEST_MARIADB_CA`: the CA that signed MariaDB's TLS certificate
 //! * `TIPROXY_BIN` (optional): the proxy binary; default `<target>/debug/tiproxy`
+//! * `TIPROXY_OPERATOR_BIN` (optional): the operator binary; default
+//!   `<target>/debug/tiproxy-operator`
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Row, SslOpts, Value};
 
 pub mod cluster;
 pub mod kube;
+pub mod operator;
 
 // ---- test bed -------------------------------------------------------------------------------
 
@@ -347,7 +350,18 @@ pub fn workspace_dir() -> PathBuf {
 
 /// The proxy binary: `TIPROXY_BIN`, else `<target>/debug/tiproxy`. Panics when missing.
 pub fn proxy_bin() -> PathBuf {
-    let path = match std::env::var_os("TIPROXY_BIN") {
+    workspace_bin("TIPROXY_BIN", "tiproxy", "tiproxy")
+}
+
+/// The operator binary: `TIPROXY_OPERATOR_BIN`, else `<target>/debug/tiproxy-operator`.
+/// Panics when missing.
+pub fn operator_bin() -> PathBuf {
+    workspace_bin("TIPROXY_OPERATOR_BIN", "tiproxy-operator", "tiproxy-operator")
+}
+
+/// A binary of this workspace: `$env`, else `<target>/debug/<name>`. Panics when missing.
+fn workspace_bin(env: &str, name: &str, package: &str) -> PathBuf {
+    let path = match std::env::var_os(env) {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => {
             let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -360,12 +374,12 @@ pub fn proxy_bin() -> PathBuf {
                     }
                 })
                 .unwrap_or_else(|| workspace_dir().join("target"));
-            target.join("debug").join("tiproxy")
+            target.join("debug").join(name)
         }
     };
     assert!(
         path.is_file(),
-        "proxy binary {} not found: build it with `cargo build -p tiproxy` (or set TIPROXY_BIN); \
+        "binary {} not found: build it with `cargo build -p {package}` (or set {env}); \
          `bash tests/run-all.sh` does both",
         path.display()
     );
