@@ -109,8 +109,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => Api::all(client.clone()),
     };
     tiproxies.list_metadata(&ListParams::default().limit(1)).await.context(
-        "cannot list TiProxies: is the CRD installed (kubectl apply --server-side -f crds/tiproxy.yaml) \
-         and may this service account list them?",
+        "cannot list TiProxies: is the CRD installed (helm install, or \
+         kubectl apply --server-side --force-conflicts -f crds/tiproxy.yaml) and may this \
+         service account list them?",
     )?;
 
     let topology = Topology::new(

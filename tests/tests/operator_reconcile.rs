@@ -398,3 +398,41 @@ async fn pd_mode_renders_pd_addresses() {
         "PDB disabled"
     );
 }
+
+#[tokio::test]
+async fn example_tiproxy_is_accepted_and_reconciled() {
+    let server = KubeApiServer::shared();
+    server.install_crd().await;
+    let ns = server.namespace("reconcile-example").await;
+    let client = server.client().await;
+    let _op = OperatorProcess::start(server.kubeconfig_path(), &ns).await;
+    let path = tiproxy_tests::workspace_dir().join("examples/kubernetes/tiproxy.yaml");
+    let text = std::fs::read_to_string(&path).expect("read example");
+    let tp: TiProxy = serde_saphyr::from_str(&text).expect("parse example");
+    let tps: Api<TiProxy> = Api::namespaced(client.clone(), &ns);
+    tps.create(&PostParams::default(), &tp)
+        .await
+        .expect("the apiserver accepts the example");
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc = eventually(WAIT, "Service", || get(&services, "basic-tiproxy")).await;
+    assert_eq!(
+        svc.spec.and_then(|s| s.type_).as_deref(),
+        Some("LoadBalancer")
+    );
+    let tp = eventually(WAIT, "status", || async {
+        let tp = get(&tps, "basic-tiproxy").await?;
+        condition(&tp, "Degraded")
+            .map(|_| tp.clone())
+            .ok_or_else(|| "no Degraded condition".to_string())
+    })
+    .await;
+    assert_eq!(
+        condition(&tp, "Degraded").map(|c| c.0),
+        Some("False".into())
+    );
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    eventually(WAIT, "generated signing Secret for TiDB", || {
+        get(&secrets, "basic-tiproxy-session-token")
+    })
+    .await;
+}

@@ -14,6 +14,9 @@ pub const PROGRESSING: &str = "Progressing";
 pub const BACKENDS_SYNCED: &str = "BackendsSynced";
 pub const DEGRADED: &str = "Degraded";
 
+/// Most entries `status.backends` and `status.proxies` may hold (the CRD's `maxItems`).
+const MAX_LISTED: usize = 256;
+
 /// What the reconciler saw this round.
 #[derive(Debug, Default)]
 pub struct Observed<'a> {
@@ -69,15 +72,20 @@ pub fn compute(tp: &TiProxy, observed: &Observed<'_>, now: Time) -> TiProxyStatu
         status.backend_generation = report.generation;
         status.backends = report.backends.clone();
         status.proxies = report.proxies.clone();
+        // The CRD bounds both lists; the counts and conditions still cover every entry.
+        status.backends.truncate(MAX_LISTED);
+        status.proxies.truncate(MAX_LISTED);
     }
     if pd_mode {
         status.backend_generation = None;
         status.backends.clear();
         status.proxies.clear();
     } else {
+        let known = observed
+            .report
+            .map_or(old.backends.as_slice(), |r| r.backends.as_slice());
         status.active_backends = Some(
-            status
-                .backends
+            known
                 .iter()
                 .filter(|b| b.state == BackendState::Active)
                 .count() as i32,
