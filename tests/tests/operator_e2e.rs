@@ -351,9 +351,10 @@ async fn graceful_tidb_pod_delete_moves_sessions_without_errors() {
         );
     }
     assert!(errors.is_empty(), "client errors: {errors:#?}");
-    assert_eq!(
-        moved, before,
-        "every session on the deleted pod's TiDB moved"
+    // Connection balancing may have moved a session earlier too.
+    assert!(
+        moved >= before,
+        "{moved} sessions moved, {before} were on the deleted pod's TiDB"
     );
     assert!(
         total > 50 * CLIENTS,
