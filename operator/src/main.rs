@@ -108,11 +108,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    tiproxies.list_metadata(&ListParams::default().limit(1)).await.context(
-        "cannot list TiProxies: is the CRD installed (helm install, or \
+    tiproxies
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+        .context(
+            "cannot list TiProxies: is the CRD installed (helm install, or \
          kubectl apply --server-side --force-conflicts -f crds/tiproxy.yaml) and may this \
          service account list them?",
-    )?;
+        )?;
 
     let topology = Topology::new(
         client.clone(),

@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 
 use crate::metrics;
@@ -30,17 +29,8 @@ async fn readyz(State(ready): State<Arc<AtomicBool>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_text() -> impl IntoResponse {
-    let mut out = Vec::new();
-    match TextEncoder::new().encode(&metrics::registry().gather(), &mut out) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            out,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+async fn metrics_text() -> Response {
+    tiproxy::api::prometheus_text(metrics::registry())
 }
 
 pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>) -> std::io::Result<()> {

@@ -356,7 +356,11 @@ pub fn proxy_bin() -> PathBuf {
 /// The operator binary: `TIPROXY_OPERATOR_BIN`, else `<target>/debug/tiproxy-operator`.
 /// Panics when missing.
 pub fn operator_bin() -> PathBuf {
-    workspace_bin("TIPROXY_OPERATOR_BIN", "tiproxy-operator", "tiproxy-operator")
+    workspace_bin(
+        "TIPROXY_OPERATOR_BIN",
+        "tiproxy-operator",
+        "tiproxy-operator",
+    )
 }
 
 /// A binary of this workspace: `$env`, else `<target>/debug/<name>`. Panics when missing.

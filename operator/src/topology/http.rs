@@ -1,52 +1,20 @@
-//! A tiny plain-HTTP/1.1 client for proxy admin APIs and TiDB status ports (hyper, no pool).
-//!
-//! Every request uses a fresh connection closed after the response (`Connection: close`): pod
-//! IPs are reused, and a pooled connection to an IP could reach whatever pod holds it now. One
-//! deadline covers connect, response head and body.
+//! Plain-HTTP/1.1 calls to proxy admin APIs and TiDB status ports, over the proxy's own
+//! status-port client (`tiproxy::health::http`): a fresh connection per request (pod IPs are
+//! reused, and a pooled connection could reach whatever pod holds an IP now) and one deadline
+//! for connect, response head and body.
 
-use std::io;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, USER_AGENT};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-use tokio::time::{timeout_at, Instant};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use hyper::{Method, Request};
+
+pub use tiproxy::health::http::{HttpError, HttpResponse as Response};
 
 /// Cap on a response body (a proxy's backend list with sessions, TiDB's `/config`).
 pub const BODY_LIMIT: usize = 4 << 20;
 
 const AGENT: &str = concat!("tiproxy-operator/", env!("CARGO_PKG_VERSION"));
-
-/// Why a request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    #[error("connection refused")]
-    Refused,
-    #[error("no answer within {after:?} ({phase})")]
-    Timeout {
-        phase: &'static str,
-        after: Duration,
-    },
-    #[error("connect: {0}")]
-    Connect(#[source] io::Error),
-    #[error("http: {0}")]
-    Http(#[source] hyper::Error),
-    #[error("response body larger than {BODY_LIMIT} bytes")]
-    BodyTooLarge,
-    #[error("invalid request for {0:?}")]
-    InvalidRequest(String),
-}
-
-/// A response: status and body.
-#[derive(Debug, Clone)]
-pub struct Response {
-    pub status: StatusCode,
-    pub body: Bytes,
-}
 
 /// `method http://{addr}{path}` with an optional bearer token and JSON body, within `timeout`.
 pub async fn request(
@@ -57,16 +25,9 @@ pub async fn request(
     json_body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    let deadline = Instant::now() + timeout;
-    let expired = |phase| HttpError::Timeout {
-        phase,
-        after: timeout,
-    };
     let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header(HOST, addr)
-        .header(CONNECTION, "close")
         .header(USER_AGENT, AGENT);
     if let Some(t) = token {
         req = req.header(AUTHORIZATION, format!("Bearer {t}"));
@@ -75,56 +36,9 @@ pub async fn request(
         req = req.header(CONTENT_TYPE, "application/json");
     }
     let req = req
-        .body(Full::new(Bytes::from(json_body.unwrap_or_default())))
+        .body(Bytes::from(json_body.unwrap_or_default()).into())
         .map_err(|_| HttpError::InvalidRequest(format!("{addr}{path}")))?;
-
-    let stream = timeout_at(deadline, TcpStream::connect(addr))
-        .await
-        .map_err(|_| expired("connecting"))?
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::ConnectionRefused {
-                HttpError::Refused
-            } else {
-                HttpError::Connect(e)
-            }
-        })?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = timeout_at(
-        deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-    )
-    .await
-    .map_err(|_| expired("connecting"))?
-    .map_err(HttpError::Http)?;
-    // Aborted on every exit path, which closes the socket.
-    let _conn = AbortOnDrop(tokio::spawn(async move {
-        let _ = conn.await;
-    }));
-    let resp = timeout_at(deadline, sender.send_request(req))
-        .await
-        .map_err(|_| expired("waiting for the response"))?
-        .map_err(HttpError::Http)?;
-    let status = resp.status();
-    let body = timeout_at(
-        deadline,
-        Limited::new(resp.into_body(), BODY_LIMIT).collect(),
-    )
-    .await
-    .map_err(|_| expired("reading the response body"))?
-    .map_err(|e| match e.downcast::<hyper::Error>() {
-        Ok(e) => HttpError::Http(*e),
-        Err(_) => HttpError::BodyTooLarge,
-    })?
-    .to_bytes();
-    Ok(Response { status, body })
-}
-
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    tiproxy::health::http::send(addr, req, timeout, BODY_LIMIT).await
 }
 
 /// The first line of a body, shortened, for error messages.
@@ -141,6 +55,7 @@ pub fn snippet(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::StatusCode;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

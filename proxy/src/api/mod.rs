@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::Router;
 use prometheus::{Encoder, TextEncoder};
@@ -114,10 +114,14 @@ fn has_usable_backend(registry: &crate::backend::Registry) -> bool {
     registry.backends().iter().any(|b| b.info().routable())
 }
 
-async fn metrics_text() -> impl IntoResponse {
+async fn metrics_text() -> Response {
+    prometheus_text(metrics::registry())
+}
+
+/// `registry` in the Prometheus text format (also the operator's `/metrics`).
+pub fn prometheus_text(registry: &prometheus::Registry) -> Response {
     let mut out = Vec::new();
-    let families = metrics::registry().gather();
-    match TextEncoder::new().encode(&families, &mut out) {
+    match TextEncoder::new().encode(&registry.gather(), &mut out) {
         Ok(()) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],

@@ -1,4 +1,5 @@
-//! A tiny HTTP/1.1 GET client for TiDB's status port.
+//! A tiny HTTP/1.1 client for TiDB's status port (and, through [`send`], for the operator's
+//! calls to proxy admin APIs).
 //!
 //! Every request uses a fresh TCP connection that is closed as soon as the response has been
 //! read (`Connection: close`, nothing pooled): a TiDB restart may put a different pod behind
@@ -10,8 +11,8 @@ use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::header::{CONNECTION, HOST, USER_AGENT};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, CONNECTION, HOST, USER_AGENT};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -103,58 +104,69 @@ impl StatusClient {
         path: &str,
         timeout: Duration,
     ) -> Result<HttpResponse, HttpError> {
-        let deadline = Instant::now() + timeout;
-        let expired = |phase| HttpError::Timeout {
-            phase,
-            after: timeout,
-        };
-
         let req = Request::get(path)
-            .header(HOST, addr)
-            .header(CONNECTION, "close")
             .header(USER_AGENT, AGENT)
-            .body(Empty::<Bytes>::new())
+            .body(Full::default())
             .map_err(|_| HttpError::InvalidRequest(format!("{addr}{path}")))?;
+        send(addr, req, timeout, self.body_limit).await
+    }
+}
 
-        let stream = timeout_at(deadline, TcpStream::connect(addr))
-            .await
-            .map_err(|_| expired("connecting"))?
-            .map_err(connect_error)?;
-        let _ = stream.set_nodelay(true);
+/// Sends `req` to `http://{addr}` on a fresh connection (`Host` and `Connection: close` are
+/// set here) and reads the response, all within `timeout`; bodies over `body_limit` fail.
+pub async fn send(
+    addr: &str,
+    mut req: Request<Full<Bytes>>,
+    timeout: Duration,
+    body_limit: usize,
+) -> Result<HttpResponse, HttpError> {
+    let deadline = Instant::now() + timeout;
+    let expired = |phase| HttpError::Timeout {
+        phase,
+        after: timeout,
+    };
+    let host = HeaderValue::from_str(addr)
+        .map_err(|_| HttpError::InvalidRequest(format!("{addr}{}", req.uri())))?;
+    req.headers_mut().insert(HOST, host);
+    req.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
 
-        let (mut sender, conn) = timeout_at(
-            deadline,
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-        )
+    let stream = timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| expired("connecting"))?
-        .map_err(HttpError::Http)?;
-        // The connection task owns the socket; aborting it on every exit path closes the
-        // socket, so a hung server never accumulates our half-finished requests.
-        let _conn = AbortOnDrop(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
+        .map_err(connect_error)?;
+    let _ = stream.set_nodelay(true);
 
-        let resp = timeout_at(deadline, sender.send_request(req))
-            .await
-            .map_err(|_| expired("waiting for the response"))?
-            .map_err(HttpError::Http)?;
-        let status = resp.status();
-        let body = timeout_at(
-            deadline,
-            Limited::new(resp.into_body(), self.body_limit).collect(),
-        )
+    let (mut sender, conn) = timeout_at(
+        deadline,
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| expired("connecting"))?
+    .map_err(HttpError::Http)?;
+    // The connection task owns the socket; aborting it on every exit path closes the
+    // socket, so a hung server never accumulates our half-finished requests.
+    let _conn = AbortOnDrop(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+
+    let resp = timeout_at(deadline, sender.send_request(req))
         .await
-        .map_err(|_| expired("reading the response body"))?
-        .map_err(|e| match e.downcast::<hyper::Error>() {
-            Ok(e) => HttpError::Http(*e),
-            Err(_) => HttpError::BodyTooLarge {
-                limit: self.body_limit,
-            },
-        })?
-        .to_bytes();
-        Ok(HttpResponse { status, body })
-    }
+        .map_err(|_| expired("waiting for the response"))?
+        .map_err(HttpError::Http)?;
+    let status = resp.status();
+    let body = timeout_at(
+        deadline,
+        Limited::new(resp.into_body(), body_limit).collect(),
+    )
+    .await
+    .map_err(|_| expired("reading the response body"))?
+    .map_err(|e| match e.downcast::<hyper::Error>() {
+        Ok(e) => HttpError::Http(*e),
+        Err(_) => HttpError::BodyTooLarge { limit: body_limit },
+    })?
+    .to_bytes();
+    Ok(HttpResponse { status, body })
 }
 
 fn connect_error(e: io::Error) -> HttpError {

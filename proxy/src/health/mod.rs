@@ -14,7 +14,7 @@
 //! recovery needs several healthy probes in a row. A [`BackendProber`] per backend keeps what
 //! must survive between rounds (CPU history, the last config, when config/metrics are due).
 
-mod http;
+pub mod http;
 mod probe;
 mod state;
 
