@@ -44,7 +44,8 @@ fn config_has_managed_keys_and_overrides() {
     assert_eq!(t["proxy"]["max-connections"].as_integer(), Some(500));
     assert_eq!(
         t["proxy"]["graceful-wait-before-shutdown"].as_integer(),
-        Some(7)
+        Some(0),
+        "the pod's preStop sleep does the waiting"
     );
     assert_eq!(
         t["proxy"]["graceful-close-conn-timeout"].as_integer(),
@@ -188,6 +189,13 @@ fn deployment_rolls_surge_first_with_probes_and_grace() {
 
     let pod = pod_spec(d);
     assert_eq!(pod.termination_grace_period_seconds, Some(60));
+    let pre_stop_sleep = pod.containers[0]
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.sleep.as_ref())
+        .map(|s| s.seconds);
+    assert_eq!(pre_stop_sleep, Some(20), "preStop sleeps the graceful wait");
     assert_eq!(pod.automount_service_account_token, Some(false));
     let c = &pod.containers[0];
     assert_eq!(c.image.as_deref(), Some("example.com/tiproxy:1.0"));

@@ -105,6 +105,13 @@ async fn tiproxy_is_rendered_reconciled_and_reported() {
     let pod = dspec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.containers[0].image.as_deref(), Some("tiproxy:test"));
     assert_eq!(pod.termination_grace_period_seconds, Some(35));
+    let pre_stop = pod.containers[0]
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.sleep.as_ref())
+        .map(|s| s.seconds);
+    assert_eq!(pre_stop, Some(10), "the native preStop sleep is stored");
     let first_hash = restart_hash(&d);
     assert_eq!(first_hash.len(), 64);
 

@@ -105,10 +105,9 @@ fn managed(tp: &TiProxy) -> Table {
     if let Some(pd) = &spec.backends.pd_addrs {
         proxy.insert("pd-addrs".into(), Value::String(pd.join(",")));
     }
-    proxy.insert(
-        "graceful-wait-before-shutdown".into(),
-        Value::Integer(spec.graceful_wait_before_shutdown_seconds.into()),
-    );
+    // The pod's preStop sleep does the waiting (see deployment.rs): by SIGTERM the pod is
+    // already out of the Service endpoints, so the proxy can start closing at once.
+    proxy.insert("graceful-wait-before-shutdown".into(), Value::Integer(0));
     proxy.insert(
         "graceful-close-conn-timeout".into(),
         Value::Integer(spec.graceful_close_conn_timeout_seconds.into()),

@@ -1,5 +1,5 @@
-//! The proxy Deployment: surge-first rollouts, probes on the admin API, and a termination
-//! grace period that covers the proxy's own graceful shutdown.
+//! The proxy Deployment: surge-first rollouts, probes on the admin API, and a preStop sleep and
+//! termination grace period derived from the graceful-shutdown settings.
 
 use std::collections::BTreeMap;
 
@@ -8,8 +8,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, KeyToPath,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource,
-    SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
+    Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretVolumeSource, SecurityContext, SleepAction, TopologySpreadConstraint,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -25,14 +26,29 @@ const RUN_AS: i64 = 65532;
 /// Seconds past the proxy's own graceful shutdown before the kubelet may kill it.
 const SHUTDOWN_MARGIN_SECONDS: i64 = 10;
 
-/// On SIGTERM the proxy keeps serving for `gracefulWaitBeforeShutdownSeconds` (its `/readyz`
-/// already failing, so it leaves the Service), then waits up to
-/// `gracefulCloseConnTimeoutSeconds` for sessions to reach a transaction boundary. The kubelet
-/// must not kill it before that.
+/// A terminating proxy pod first sleeps `gracefulWaitBeforeShutdownSeconds` in its preStop
+/// hook, serving as usual while Service endpoints and load balancers stop sending it new
+/// clients; on SIGTERM it stops accepting and gives sessions up to
+/// `gracefulCloseConnTimeoutSeconds` to reach a transaction boundary. The kubelet must not
+/// kill it before that.
 pub fn termination_grace_period_seconds(tp: &TiProxy) -> i64 {
     i64::from(tp.spec.graceful_wait_before_shutdown_seconds)
         + i64::from(tp.spec.graceful_close_conn_timeout_seconds)
         + SHUTDOWN_MARGIN_SECONDS
+}
+
+/// The preStop hook: the native sleep action (no shell in the image), when there is a wait.
+fn pre_stop(tp: &TiProxy) -> Option<Lifecycle> {
+    let seconds = tp.spec.graceful_wait_before_shutdown_seconds;
+    (seconds > 0).then(|| Lifecycle {
+        pre_stop: Some(LifecycleHandler {
+            sleep: Some(SleepAction {
+                seconds: i64::from(seconds),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
 }
 
 pub fn deployment(tp: &TiProxy, defaults: &Defaults, rendered: &RenderedConfig) -> Deployment {
@@ -80,11 +96,12 @@ pub fn deployment(tp: &TiProxy, defaults: &Defaults, rendered: &RenderedConfig) 
             container_port(names::SQL_PORT_NAME, names::SQL_PORT),
             container_port(names::API_PORT_NAME, names::API_PORT),
         ]),
-        // Readiness turns 503 the moment the proxy starts shutting down, and stays 503 until it
-        // knows a backend; checked often so the Service follows quickly.
+        // Readiness stays 503 until the proxy knows a backend (and turns 503 on SIGTERM);
+        // checked often so the Service follows quickly.
         readiness_probe: Some(http_probe("/readyz", 2, 1, 2)),
         liveness_probe: Some(http_probe("/healthz", 10, 2, 3)),
         startup_probe: Some(http_probe("/healthz", 1, 1, 60)),
+        lifecycle: pre_stop(tp),
         resources: spec.resources.clone(),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
