@@ -567,31 +567,6 @@ async fn crd_established(api: &Api<CustomResourceDefinition>) -> bool {
         .any(|c| c.type_ == "Established" && c.status == "True")
 }
 
-/// The operator binary: `TIPROXY_OPERATOR_BIN`, else `<target>/debug/tiproxy-operator`.
-fn operator_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TIPROXY_OPERATOR_BIN").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.is_absolute() {
-                p
-            } else {
-                workspace_dir().join(p)
-            }
-        })
-        .unwrap_or_else(|| workspace_dir().join("target"));
-    let path = target.join("debug").join("tiproxy-operator");
-    assert!(
-        path.is_file(),
-        "operator binary {} not found: build it with `cargo build -p tiproxy-operator` (or set \
-         TIPROXY_OPERATOR_BIN); `bash tests/run-all.sh` does both",
-        path.display()
-    );
-    path
-}
-
 /// A running operator process, killed on drop.
 struct OperatorProcess {
     child: std::process::Child,
@@ -860,7 +835,7 @@ async fn helm_install_and_uninstall_against_kube_apiserver() {
     let op_log = home.path().join("operator.log");
     let log_file = std::fs::File::create(&op_log).expect("operator log file");
     let operator = OperatorProcess {
-        child: Command::new(operator_bin())
+        child: Command::new(tiproxy_tests::operator_bin())
             .args(&op_args)
             .env("KUBECONFIG", &kubeconfig)
             .env(

@@ -34,6 +34,17 @@ where
     }
 }
 
+/// Merge-patches the spec of TiProxy `main`, as `kubectl patch --type merge` would.
+async fn patch_spec(tps: &Api<TiProxy>, spec: serde_json::Value) {
+    tps.patch(
+        "main",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": spec })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("patch spec {spec}: {e}"));
+}
+
 fn condition(tp: &TiProxy, type_: &str) -> Option<(String, String)> {
     tp.status
         .as_ref()?
@@ -169,13 +180,7 @@ async fn tiproxy_is_rendered_reconciled_and_reported() {
     );
 
     // A hot-reloadable change reaches the ConfigMap without rolling the pods.
-    tps.patch(
-        "main",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"config": "[proxy]\nmax-connections = 200\n"}})),
-    )
-    .await
-    .expect("patch config");
+    patch_spec(&tps, json!({"config": "[proxy]\nmax-connections = 200\n"})).await;
     eventually(WAIT, "ConfigMap with max-connections 200", || async {
         let text = config_text(&get(&config_maps, "main").await?);
         text.contains("max-connections = 200")
@@ -189,13 +194,11 @@ async fn tiproxy_is_rendered_reconciled_and_reported() {
     );
 
     // A setting read only at start-up rolls them.
-    tps.patch(
-        "main",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"config": "[proxy]\nmax-connections = 200\nproxy-protocol = \"v2\"\n"}})),
+    patch_spec(
+        &tps,
+        json!({"config": "[proxy]\nmax-connections = 200\nproxy-protocol = \"v2\"\n"}),
     )
-    .await
-    .expect("patch config");
+    .await;
     eventually(WAIT, "new restart hash", || async {
         let h = restart_hash(&get(&deployments, "main").await?);
         (h != first_hash).then_some(()).ok_or(h)
@@ -203,13 +206,7 @@ async fn tiproxy_is_rendered_reconciled_and_reported() {
     .await;
 
     // A key the operator manages is refused: Degraded, a Warning event, nothing applied.
-    tps.patch(
-        "main",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"config": "[api]\naddr = \"0.0.0.0:1\"\n"}})),
-    )
-    .await
-    .expect("patch config");
+    patch_spec(&tps, json!({"config": "[api]\naddr = \"0.0.0.0:1\"\n"})).await;
     let tp = eventually(WAIT, "Degraded InvalidConfig", || async {
         let tp = get(&tps, "main").await?;
         match condition(&tp, "Degraded") {
@@ -248,13 +245,7 @@ async fn tiproxy_is_rendered_reconciled_and_reported() {
     assert!(config_text(&get(&config_maps, "main").await.expect("get")).contains("proxy-protocol"));
 
     // Fixed: Degraded clears. One replica: no PDB (it would block node drains).
-    tps.patch(
-        "main",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"config": null, "replicas": 1}})),
-    )
-    .await
-    .expect("patch spec");
+    patch_spec(&tps, json!({"config": null, "replicas": 1})).await;
     eventually(WAIT, "Degraded cleared", || async {
         let tp = get(&tps, "main").await?;
         match condition(&tp, "Degraded") {
