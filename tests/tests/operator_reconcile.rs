@@ -45,6 +45,18 @@ async fn patch_spec(tps: &Api<TiProxy>, spec: serde_json::Value) {
     .unwrap_or_else(|e| panic!("patch spec {spec}: {e}"));
 }
 
+/// Waits until Deployment `main` asks for `replicas` pods.
+async fn wait_replicas(deployments: &Api<Deployment>, replicas: i32, what: &str) {
+    eventually(WAIT, what, || async {
+        let r = get(deployments, "main")
+            .await?
+            .spec
+            .and_then(|s| s.replicas);
+        (r == Some(replicas)).then_some(()).ok_or(format!("{r:?}"))
+    })
+    .await;
+}
+
 fn condition(tp: &TiProxy, type_: &str) -> Option<(String, String)> {
     tp.status
         .as_ref()?
@@ -303,14 +315,7 @@ async fn tiproxy_is_rendered_reconciled_and_reported() {
     )
     .await
     .expect("scale");
-    eventually(WAIT, "Deployment scaled to 3", || async {
-        let r = get(&deployments, "main")
-            .await?
-            .spec
-            .and_then(|s| s.replicas);
-        (r == Some(3)).then_some(()).ok_or(format!("{r:?}"))
-    })
-    .await;
+    wait_replicas(&deployments, 3, "Deployment scaled to 3").await;
 
     // Drift is undone and a deleted owned object comes back.
     deployments
@@ -324,14 +329,7 @@ async fn tiproxy_is_rendered_reconciled_and_reported() {
         )
         .await
         .expect("drift");
-    eventually(WAIT, "drift undone", || async {
-        let r = get(&deployments, "main")
-            .await?
-            .spec
-            .and_then(|s| s.replicas);
-        (r == Some(3)).then_some(()).ok_or(format!("{r:?}"))
-    })
-    .await;
+    wait_replicas(&deployments, 3, "drift undone").await;
     services
         .delete("main", &DeleteParams::default())
         .await
