@@ -14,7 +14,18 @@ pub mod resources;
 pub mod server;
 pub mod topology;
 
-use kube::CustomResourceExt;
+use kube::{Api, Client, CustomResourceExt, Resource};
+
+/// An Api over one namespace, or over all of them (the operator's `--namespace` scope).
+pub fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
 
 /// Path of the committed CRD, relative to the workspace root.
 pub const CRD_PATH: &str = "crds/tiproxy.yaml";

@@ -104,10 +104,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(tiproxy_operator::server::serve(listener, ready.clone()));
 
     // Fail early and clearly when the CRD is missing, instead of watch errors forever.
-    let tiproxies: Api<TiProxy> = match &args.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let tiproxies: Api<TiProxy> = tiproxy_operator::scoped_api(&client, args.namespace.as_deref());
     tiproxies
         .list_metadata(&ListParams::default().limit(1))
         .await

@@ -12,7 +12,6 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -20,9 +19,9 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use crate::api::TiProxy;
-use crate::names;
 use crate::resources::{Defaults, SecretError};
 use crate::topology::Topology;
+use crate::{names, scoped_api};
 
 pub use reconcile::reconcile;
 
@@ -121,17 +120,6 @@ fn error_policy(tp: Arc<TiProxy>, error: &Error, ctx: Arc<Context>) -> Action {
         "reconcile failed"
     );
     Action::requeue(delay)
-}
-
-/// An Api over one namespace, or all of them.
-fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 /// Runs the controller until the process is told to stop (SIGTERM / Ctrl-C).

@@ -196,10 +196,7 @@ impl Topology {
             let tx = self.tx.clone();
             async move { shared.forward(tx).await }
         }));
-        let api: Api<TiProxy> = match &self.config.namespace {
-            Some(ns) => Api::namespaced(self.client.clone(), ns),
-            None => Api::all(self.client.clone()),
-        };
+        let api: Api<TiProxy> = crate::scoped_api(&self.client, self.config.namespace.as_deref());
         let mut events = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
             .boxed();
