@@ -70,6 +70,9 @@ summary() {
   done
   printf '  %-34s %-18s %4ss\n' "total" "$([[ $FAILED -eq 0 ]] && echo ok || echo FAILED)" \
     $((SECONDS - SUITE_START)) >&2
+  # a test that fails with ENOSPC fails many others; this line tells whether the disk was the cause
+  printf '  free disk in %s: %s\n' "${TMPDIR:-/tmp}" \
+    "$(df -h --output=avail "${TMPDIR:-/tmp}" 2>/dev/null | tail -n 1 | tr -d ' ')" >&2
 }
 
 # ---- test bed ---------------------------------------------------------------------------------

@@ -390,8 +390,10 @@ fn workspace_bin(env: &str, name: &str, package: &str) -> PathBuf {
     path
 }
 
-/// A temporary directory, removed on drop unless the test failed (then its path is printed so
-/// the logs in it can be read).
+/// A temporary directory, removed on drop. When the test failed, the files at its top level (the
+/// logs and configs of what ran in it) are kept and the path is printed; its subdirectories
+/// (TiDB stores of up to 256 MiB each, etcd data, temp dirs) are removed even then, so a run
+/// with failures does not fill the disk and fail every later test with ENOSPC.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
 
@@ -411,9 +413,21 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            remove_subdirectories(&self.0);
             eprintln!("logs kept in {}", self.0.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn remove_subdirectories(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
