@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the build scripts: puts a Go >= 1.24 toolchain on PATH.
 # Go >= 1.24 is needed (wrapper module with a `tool` line). When the machine has none, fetch the
 # official toolchain from the Go module proxy, where it is published as golang.org/toolchain.

@@ -103,11 +103,19 @@ tool() {
   echo "$path"
 }
 
-# A random port in 20000..59999 that nothing listens on and that is not in $@ (already chosen).
+# A random port that nothing listens on, not in $@ (already chosen), and outside the kernel's
+# ephemeral range: a port inside it can be taken between this check and the server's bind by any
+# outgoing connection, and kube-apiserver opens dozens to etcd while it starts (CI saw three
+# attempts in a row lose that race). 26000..(range start) also stays clear of the migration
+# tests' etcd ports (23000..25000, tests/src/cluster.rs).
 free_port() {
-  local p i taken
+  local p i taken lo hi
+  read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || { lo=32768; hi=60999; }
+  local base=26000 span=$((lo - 26000))
+  if (( span < 1000 )); then base=$((hi + 1)); span=$((65536 - base)); fi
+  (( span >= 100 )) || return 1
   for ((i = 0; i < 200; i++)); do
-    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+    p=$((base + (RANDOM * 32768 + RANDOM) % span))
     taken=0
     for q in "$@"; do [[ "$p" == "$q" ]] && taken=1; done
     [[ $taken -eq 0 ]] || continue
@@ -161,10 +169,16 @@ EOF
   mv "$KUBECONFIG_FILE.tmp" "$KUBECONFIG_FILE"
 }
 
+# Number of the line the next write to log $1 starts (the logs are appended across attempts).
+next_line() { echo $(( $(wc -l 2>/dev/null <"$1" || echo 0) + 1 )); }
+
+# True if log $1, from line $2 on (this attempt's part), says a port was already taken.
+bind_failed() { tail -n +"$2" "$1" 2>/dev/null | grep -q "address already in use"; }
+
 # One attempt to start etcd + kube-apiserver on fresh ports. Returns 3 when a port was taken by
 # someone else in the meantime (the caller retries), dies on any other failure.
 start_once() {
-  local etcd=$1 apiserver=$2 token=$3 ep pp ap waited code
+  local etcd=$1 apiserver=$2 token=$3 ep pp ap waited code from
   ep=$(free_port) || die "no free port for etcd"
   pp=$(free_port "$ep") || die "no free port for etcd's peer URL"
   ap=$(free_port "$ep" "$pp") || die "no free port for kube-apiserver"
@@ -175,6 +189,7 @@ start_once() {
   # setsid: detach from the caller's process group so the servers outlive this script; all
   # output to files, so a caller reading our stdout is not kept waiting by the servers.
   # --unsafe-no-fsync: a throw-away store; fsync would dominate the tests' latency.
+  from=$(next_line "$ETCD_LOG")
   setsid "$etcd" \
     --name tiproxy-kube-test \
     --data-dir "$DATADIR" \
@@ -194,7 +209,7 @@ start_once() {
   waited=0
   until curl -fsS --max-time 2 "http://127.0.0.1:$ep/health" 2>/dev/null | grep -q '"health":"true"'; do
     if [[ -z "$(etcd_pid)" ]]; then
-      if grep -q "address already in use" "$ETCD_LOG"; then
+      if bind_failed "$ETCD_LOG" "$from"; then
         log "etcd: a port was taken meanwhile; retrying with other ports"
         return 3
       fi
@@ -211,6 +226,7 @@ start_once() {
   #   which Endpoints validation rejects (loopback), so the reconciler would log errors forever.
   # --disable-admission-plugins=ServiceAccount: no controller-manager creates the 'default'
   #   ServiceAccount, and Pods would be rejected without it.
+  from=$(next_line "$API_LOG")
   setsid "$apiserver" \
     --etcd-servers "http://127.0.0.1:$ep" \
     --bind-address 127.0.0.1 \
@@ -240,7 +256,7 @@ start_once() {
       -H "Authorization: Bearer $token" "https://127.0.0.1:$ap/readyz" 2>/dev/null || true)
     [[ "$code" == 200 ]] && break
     if [[ -z "$(api_pid)" ]]; then
-      if grep -q "address already in use" "$API_LOG"; then
+      if bind_failed "$API_LOG" "$from"; then
         log "kube-apiserver: port $ap was taken meanwhile; retrying with other ports"
         return 3
       fi
