@@ -14,7 +14,7 @@ use tiproxy::api::{self, ApiSettings, ApiState};
 use tiproxy::backend::{run_balancer, BackendSpec, BalanceConfig, Registry, Source};
 use tiproxy::config::Config;
 use tiproxy::net::tls;
-use tiproxy::server::SqlServer;
+use tiproxy::server::{SqlServer, Workers};
 use tiproxy::session::SessionContext;
 
 #[derive(Parser)]
@@ -69,7 +69,9 @@ fn main() -> ExitCode {
         }
     };
     let set_log_level = init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control plane (accepting, admin API, health checks, balancing, discovery) is light and
+    // runs on this thread; sessions run on their own threads (`server::Workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -214,7 +216,8 @@ async fn run(
         balance,
         closing_rx.clone(),
     ));
-    let server = SqlServer::bind(ctx)
+    let workers = Workers::per_core().context("cannot start the session threads")?;
+    let server = SqlServer::bind(ctx, workers)
         .await
         .with_context(|| format!("cannot listen on proxy.addr {}", config.proxy.addr))?;
     let api_listener = tokio::net::TcpListener::bind(&config.api.addr)
@@ -236,6 +239,7 @@ async fn run(
         api = %api_listener_addr,
         config = %path.map_or_else(|| "<defaults>".into(), |p| p.display().to_string()),
         version = env!("CARGO_PKG_VERSION"),
+        session_threads = server.session_threads(),
         api_token = api_settings.auth.required(),
         ready_requires_backend = config.api.ready_requires_backend,
         "tiproxy started"

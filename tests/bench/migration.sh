@@ -29,8 +29,9 @@ Usage: $PROG [options]
 
   --sessions LIST     idle-session counts for the drain test, comma-separated (default
                       1000,10000; each lowered, with a warning, to what the fd limit allows)
-  --clients K         busy client processes (default 8)
-  --round-trips M     busy test: A -> B -> A round trips (default 20)
+  --clients LIST      busy client processes, comma-separated: one busy test per count
+                      (default 1,8: one client alone, then 8 that saturate a 2-core machine)
+  --round-trips M     busy test: A -> B -> A round trips per client count (default 50)
   --baseline S        busy test: seconds measured without migrations first (default 10)
   --dwell S           busy test: seconds between a completed move and the next push (default 0.5)
   --quick             smoke test: --sessions 200 --round-trips 5 --baseline 3 (explicit options win)
@@ -56,7 +57,7 @@ EOF
 # shellcheck source-path=SCRIPTDIR source=../scripts/common.sh
 source "$ROOT/tests/scripts/common.sh"
 
-SESSIONS="" CLIENTS=8 ROUND_TRIPS="" BASELINE="" DWELL=0.5 QUICK=0 GRACEFUL_WAIT=30 FIRST=71
+SESSIONS="" CLIENTS=1,8 ROUND_TRIPS="" BASELINE="" DWELL=0.5 QUICK=0 GRACEFUL_WAIT=30 FIRST=71
 PORT=6470 PROCS=4 VERIFY_SAMPLE=100 WORK="" KEEP=0 TIPROXY=""
 DO_DRAIN=1 DO_SIGTERM=1 DO_BUSY=1
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
@@ -86,14 +87,16 @@ done
 if (( QUICK )); then
   : "${SESSIONS:=200}" "${ROUND_TRIPS:=5}" "${BASELINE:=3}"
 fi
-: "${SESSIONS:=1000,10000}" "${ROUND_TRIPS:=20}" "${BASELINE:=10}"
-for v in CLIENTS ROUND_TRIPS GRACEFUL_WAIT FIRST PORT PROCS; do
+: "${SESSIONS:=1000,10000}" "${ROUND_TRIPS:=50}" "${BASELINE:=10}"
+for v in ROUND_TRIPS GRACEFUL_WAIT FIRST PORT PROCS; do
   [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -gt 0 ]] || die "--${v,,} must be a positive integer, got '${!v}'"
 done
 [[ "$VERIFY_SAMPLE" =~ ^[0-9]+$ ]] || die "--verify-sample must be a non-negative integer"
 for v in BASELINE DWELL; do
   [[ "${!v}" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--${v,,} must be a number of seconds, got '${!v}'"
 done
+[[ "$CLIENTS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--clients must be a comma-separated list of positive counts, got '$CLIENTS'"
+IFS=, read -r -a CLIENT_LIST <<<"$CLIENTS"
 [[ "$SESSIONS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--sessions must be a comma-separated list of counts, got '$SESSIONS'"
 IFS=, read -r -a SESSION_LIST <<<"$SESSIONS"
 for n in "${SESSION_LIST[@]}"; do (( n >= 1 )) || die "--sessions: counts must be at least 1"; done
@@ -297,9 +300,11 @@ fi
 
 # ---- 2. busy clients -------------------------------------------------------------------------
 if (( DO_BUSY )); then
-  log "== busy clients: $CLIENTS clients, $ROUND_TRIPS round trips =="
-  run_py busy "${COMMON[@]}" --clients "$CLIENTS" --round-trips "$ROUND_TRIPS" \
-    --baseline "$BASELINE" --dwell "$DWELL" --work "$WORK" || die "busy-client test failed (logs in $WORK)"
+  for k in "${CLIENT_LIST[@]}"; do
+    log "== busy clients: $k clients, $ROUND_TRIPS round trips =="
+    run_py busy "${COMMON[@]}" --clients "$k" --round-trips "$ROUND_TRIPS" \
+      --baseline "$BASELINE" --dwell "$DWELL" --work "$WORK" || die "busy-client test failed (logs in $WORK)"
+  done
 fi
 
 alive "$TP_PID" || die "tiproxy died during the run (log $WORK/tiproxy.log)"

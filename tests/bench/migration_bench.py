@@ -896,7 +896,7 @@ def cmd_report(args):
                 print(f"* N={r['sessions']} {kind}: " + "; ".join(notes))
             print()
     for r in busy:
-        print(f"### Busy clients: pause seen by a client during its own migration")
+        print(f"### Busy clients (K = {r['clients']}): pause seen by a client during its own migration")
         print()
         print(f"{r['clients']} client processes, each a tight loop of `{WHOAMI_SQL}` through the "
               f"proxy; {r['round_trips']} round trips (A -> B -> A), {r['dwell_seconds']}s dwell "

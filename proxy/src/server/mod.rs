@@ -1,5 +1,9 @@
-//! The SQL listener: accepts clients, enforces `max-connections`, runs one task per session,
-//! and carries out the graceful shutdown sequence.
+//! The SQL listener: accepts clients, enforces `max-connections`, runs one task per session on
+//! the session threads (`workers`), and carries out the graceful shutdown sequence.
+
+mod workers;
+
+pub use workers::Workers;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,10 +50,12 @@ pub struct SqlServer {
     ctx: Arc<SessionContext>,
     listener: TcpListener,
     connections: Arc<ConnectionCounter>,
+    workers: Workers,
 }
 
 impl SqlServer {
-    pub async fn bind(ctx: Arc<SessionContext>) -> std::io::Result<Self> {
+    /// Listens on `proxy.addr`; sessions will run on `workers`.
+    pub async fn bind(ctx: Arc<SessionContext>, workers: Workers) -> std::io::Result<Self> {
         let listener = TcpListener::bind(&ctx.config.proxy.addr).await?;
         let connections = Arc::new(ConnectionCounter::default());
         connections.set_max(ctx.config.proxy.max_connections);
@@ -57,11 +63,16 @@ impl SqlServer {
             ctx,
             listener,
             connections,
+            workers,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn session_threads(&self) -> usize {
+        self.workers.threads()
     }
 
     pub fn connections(&self) -> Arc<ConnectionCounter> {
@@ -134,10 +145,23 @@ impl SqlServer {
             local,
             proxy_header: None,
         };
+        // The socket moves to the session thread's own reactor.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(client = %peer, error = %e, "cannot hand the connection to a session thread");
+                return;
+            }
+        };
         let ctx = self.ctx.clone();
-        sessions.spawn(async move {
+        self.workers.spawn(sessions, async move {
             let _guard = guard;
-            session::serve(ctx, tcp, addr).await;
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => session::serve(ctx, tcp, addr).await,
+                Err(e) => {
+                    tracing::warn!(client = %peer, error = %e, "cannot register the connection on its session thread")
+                }
+            }
         });
     }
 }
