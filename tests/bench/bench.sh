@@ -191,7 +191,7 @@ echo "# cpu: $NCPU x $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 echo "# sysbench: $("$SYSBENCH" --version)  haproxy: $("$HAPROXY" -v | awk 'NR==1 {print $3}')  mariadb: $("$(find_bin mariadbd mysqld)" --version | awk '{print $3}')"
 echo "# tiproxy: $("$TIPROXY" --version 2>/dev/null | awk '{print $2}') ($TIPROXY, git $TP_REV)"
 echo "# settings: rounds=$ROUNDS time=${TIME}s threads=$THREADS warmup=${WARMUP}s tables=$TABLES table-size=$TABLE_SIZE rand-type=uniform idle-conns=$IDLE"
-echo "# ports: mariadb $PORT, haproxy $HAP_PORT (nbthread $NCPU, maxconn $HAP_MAXCONN), tiproxy $TP_PORT (worker threads = $NCPU cores)"
+echo "# ports: mariadb $PORT, haproxy $HAP_PORT (nbthread $NCPU, maxconn $HAP_MAXCONN), tiproxy $TP_PORT (session threads = $NCPU cores)"
 echo "# fd limit (ulimit -n): $NOFILE (hard $(ulimit -Hn)); CLK_TCK=$CLK_TCK; work dir: $WORK"
 if (( IDLE < IDLE_REQ )); then
   echo "# WARNING: --idle-conns $IDLE_REQ needs about $((2 * IDLE_REQ + 200)) fds in a proxy (client + backend socket per connection) but the fd limit is $NOFILE and cannot be raised here; using $IDLE idle connections"

@@ -154,7 +154,7 @@ impl SqlServer {
             }
         };
         let ctx = self.ctx.clone();
-        self.workers.spawn(sessions, async move {
+        self.workers.spawn(sessions, move || async move {
             let _guard = guard;
             match TcpStream::from_std(tcp) {
                 Ok(tcp) => session::serve(ctx, tcp, addr).await,
