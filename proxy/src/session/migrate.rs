@@ -58,6 +58,8 @@ impl MigrateError {
 /// What the session needs to know about itself to log in elsewhere.
 pub struct MigrationInput<'a> {
     pub identity: &'a Identity,
+    /// Address of the backend the session is on.
+    pub source: &'a str,
     pub client_addr: &'a ClientAddr,
     /// Capabilities in force on the current backend leg (reused for the new one).
     pub backend_caps: u32,
@@ -97,24 +99,38 @@ pub async fn migrate(
         response.capability |= cap::SSL;
     }
     // Exporting the session and connecting to the target do not depend on each other: doing
-    // them at once takes the connect (and TLS) off the pause the client sees.
+    // them at once takes the connect (and TLS) off the pause the client sees, and the login as
+    // well when a fresh token of the user is at hand. That login names no database: SET
+    // SESSION_STATES restores the current one.
+    let cached = ctx.session_tokens.fresh(&input.identity.user, input.source);
+    let early_login = cached.as_ref().map(|token| HandshakeResponse {
+        auth_data: token.clone(),
+        ..response.clone()
+    });
     let export = run_query(old, "SHOW SESSION_STATES", deprecate_eof);
-    let open = tokio::time::timeout(TARGET_TIMEOUT, open_target(ctx, input, target, &response));
-    let (states, opened) = tokio::join!(export, open);
+    let connect = tokio::time::timeout(TARGET_TIMEOUT, async {
+        let (conn, seq) = open_target(ctx, input, target, &response).await?;
+        match &early_login {
+            Some(login_packet) => login(conn, seq, login_packet, input)
+                .await
+                .map(Target::LoggedIn),
+            None => Ok(Target::Greeted(conn, seq)),
+        }
+    });
+    let (states, connected) = tokio::join!(export, connect);
     let states = match states {
         Ok(r) => r,
         Err(QueryError::Server(e)) => return Err(MigrateError::Refused(e)),
         Err(QueryError::Conn(e)) => return Err(MigrateError::OldBackendLost(e.to_string())),
     };
     let exported = started.elapsed();
-    let (mut conn, seq) = opened
-        .map_err(|_| target_err("connect timed out".into()))?
-        .map_err(target_err)?;
     let state_json = states.first("Session_states").unwrap_or_default().to_vec();
-    response.auth_data = match states.first("Session_token") {
+    let token = match states.first("Session_token") {
         Some(t) if !t.is_empty() => Bytes::copy_from_slice(t),
         _ => return Err(MigrateError::NoToken),
     };
+    ctx.session_tokens
+        .remember(&input.identity.user, input.source, token.clone());
     let database = serde_json::from_slice::<serde_json::Value>(&state_json)
         .ok()
         .and_then(|v| {
@@ -123,28 +139,23 @@ pub async fn migrate(
                 .map(str::to_owned)
         })
         .filter(|d| !d.is_empty());
+    response.auth_data = token;
     response.database.clone_from(&database);
-    let login = async {
-        conn.write_packet(seq, &response.encode())
-            .await
-            .map_err(|e| e.to_string())?;
-        let (_, reply) = conn
-            .read_packet(super::auth::MAX_HANDSHAKE_PACKET)
-            .await
-            .map_err(|e| e.to_string())?;
-        match reply.first().copied() {
-            Some(header::OK) => {}
-            Some(header::ERR) => {
-                let e = ErrPacket::parse(&reply).map_err(|e| e.to_string())?;
-                return Err(format!("token login refused: {e}"));
+    let connected = connected.map_err(|_| target_err("connect timed out".into()))?;
+    let finish = async {
+        let mut conn = match connected {
+            Ok(Target::LoggedIn(conn)) => conn,
+            Ok(Target::Greeted(conn, seq)) => login(conn, seq, &response, input).await?,
+            Err(e) => {
+                // A refused early login (the target's cert changed, say) leaves the session
+                // where it is until the next attempt, which uses the token exported just now.
+                if let (true, Some(stale)) = (e.refused, &cached) {
+                    ctx.session_tokens
+                        .forget(&input.identity.user, input.source, stale);
+                }
+                return Err(e);
             }
-            _ => return Err("unexpected reply to the token login".to_string()),
-        }
-        conn.set_compression(compression_for(
-            response.capability,
-            input.identity.zstd_level,
-        ));
-        conn.set_resequence(input.resequence);
+        };
         let logged_in = started.elapsed();
         let sql = format!(
             "SET SESSION_STATES {}",
@@ -157,19 +168,77 @@ pub async fn migrate(
                     ?exported,
                     ?logged_in,
                     imported = ?started.elapsed(),
+                    early_login = early_login.is_some(),
                     "migration steps (cumulative)"
                 );
-                Ok(())
+                Ok(conn)
             }
-            Err(QueryError::Server(e)) => Err(format!("SET SESSION_STATES failed: {e}")),
-            Err(QueryError::Conn(e)) => Err(format!("SET SESSION_STATES: {e}")),
+            Err(QueryError::Server(e)) => Err(format!("SET SESSION_STATES failed: {e}").into()),
+            Err(QueryError::Conn(e)) => Err(format!("SET SESSION_STATES: {e}").into()),
         }
     };
-    tokio::time::timeout(TARGET_TIMEOUT, login)
+    let conn = tokio::time::timeout(TARGET_TIMEOUT, finish)
         .await
         .map_err(|_| target_err("timed out".into()))?
-        .map_err(target_err)?;
+        .map_err(|e| target_err(e.reason))?;
     Ok((conn, database))
+}
+
+/// The new backend leg before the session's state is imported.
+enum Target {
+    /// Greeted; the login packet (with this sequence number) is still to be sent.
+    Greeted(PacketConn, u8),
+    LoggedIn(PacketConn),
+}
+
+/// Why the target could not be made ready.
+struct TargetFailure {
+    /// TiDB answered the token login with an error (rather than the connection failing).
+    refused: bool,
+    reason: String,
+}
+
+impl From<String> for TargetFailure {
+    fn from(reason: String) -> Self {
+        TargetFailure {
+            refused: false,
+            reason,
+        }
+    }
+}
+
+/// Sends the token login and reads TiDB's answer; from then on the leg speaks like the old one
+/// (compression, packet renumbering).
+async fn login(
+    mut conn: PacketConn,
+    seq: u8,
+    response: &HandshakeResponse,
+    input: &MigrationInput<'_>,
+) -> Result<PacketConn, TargetFailure> {
+    conn.write_packet(seq, &response.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, reply) = conn
+        .read_packet(super::auth::MAX_HANDSHAKE_PACKET)
+        .await
+        .map_err(|e| e.to_string())?;
+    match reply.first().copied() {
+        Some(header::OK) => {}
+        Some(header::ERR) => {
+            let e = ErrPacket::parse(&reply).map_err(|e| e.to_string())?;
+            return Err(TargetFailure {
+                refused: true,
+                reason: format!("token login refused: {e}"),
+            });
+        }
+        _ => return Err("unexpected reply to the token login".to_string().into()),
+    }
+    conn.set_compression(compression_for(
+        response.capability,
+        input.identity.zstd_level,
+    ));
+    conn.set_resequence(input.resequence);
+    Ok(conn)
 }
 
 /// Connects to the target up to the point where the login packet goes: TCP, the PROXY header,

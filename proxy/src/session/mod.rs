@@ -8,6 +8,7 @@ pub mod forward;
 pub mod migrate;
 pub mod query;
 pub mod state;
+pub mod token_cache;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
@@ -48,6 +49,8 @@ pub struct SessionContext {
     pub closing: watch::Receiver<bool>,
     /// Bounds the migrations in flight at once.
     pub migration_permits: Arc<Semaphore>,
+    /// Session tokens of recent migrations, for logging in to a target early.
+    pub session_tokens: token_cache::TokenCache,
     server_version: RwLock<Arc<str>>,
     /// MariaDB extensions the last backend greeting offered (0 for TiDB and MySQL).
     mariadb_caps: AtomicU32,
@@ -72,6 +75,7 @@ impl SessionContext {
             balance,
             closing,
             migration_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_MIGRATIONS)),
+            session_tokens: token_cache::TokenCache::default(),
             server_version: RwLock::new(version),
             mariadb_caps: AtomicU32::new(0),
             next_connection_id: AtomicU32::new(1),
@@ -373,6 +377,7 @@ impl<'a> Session<'a> {
         }
         let input = MigrationInput {
             identity: &self.identity,
+            source: &from,
             client_addr: &self.addr,
             backend_caps: self.backend_caps,
             tls: self.backend.is_tls(),
