@@ -1095,7 +1095,10 @@ async fn g_push_draining_empties_backend_before_stop() {
         .filter(|l| l.contains("migration steps") && l.contains("early_login=true"))
         .count();
     eprintln!("push: {early} of the moves logged in early with a cached session token");
-    assert!(early >= 1, "no migration logged in with a cached session token");
+    assert!(
+        early >= 1,
+        "no migration logged in with a cached session token"
+    );
 
     // Stopping the emptied TiDB costs nobody anything.
     tidb.kill(0).await;

@@ -131,14 +131,7 @@ pub async fn migrate(
     };
     ctx.session_tokens
         .remember(&input.identity.user, input.source, token.clone());
-    let database = serde_json::from_slice::<serde_json::Value>(&state_json)
-        .ok()
-        .and_then(|v| {
-            v.get("current-db")
-                .and_then(|d| d.as_str())
-                .map(str::to_owned)
-        })
-        .filter(|d| !d.is_empty());
+    let database = current_db(&state_json);
     response.auth_data = token;
     response.database.clone_from(&database);
     let connected = connected.map_err(|_| target_err("connect timed out".into()))?;
@@ -182,6 +175,20 @@ pub async fn migrate(
         .map_err(|_| target_err("timed out".into()))?
         .map_err(|e| target_err(e.reason))?;
     Ok((conn, database))
+}
+
+/// The `current-db` of exported session states. Only that key is decoded: the states hold every
+/// session variable (tens of KiB), and building a JSON tree of them sat on the client's pause.
+fn current_db(states: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct States {
+        #[serde(rename = "current-db")]
+        current_db: Option<String>,
+    }
+    serde_json::from_slice::<States>(states)
+        .ok()
+        .and_then(|s| s.current_db)
+        .filter(|d| !d.is_empty())
 }
 
 /// The new backend leg before the session's state is imported.
@@ -275,5 +282,19 @@ impl From<MigrateError> for SessionError {
             MigrateError::OldBackendLost(reason) => SessionError::BackendLost(reason),
             other => SessionError::Migration(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::current_db;
+
+    #[test]
+    fn current_db_is_read_from_the_states() {
+        let states = br#"{"sys-vars": {"autocommit": "ON", "sql_mode": "a,b"}, "current-db": "app", "prepared-stmts": {"1": {"text": "select ?"}}}"#;
+        assert_eq!(current_db(states).as_deref(), Some("app"));
+        assert_eq!(current_db(br#"{"sys-vars": {}}"#), None);
+        assert_eq!(current_db(br#"{"current-db": ""}"#), None);
+        assert_eq!(current_db(b"not json"), None);
     }
 }
