@@ -172,8 +172,16 @@ EOF
 # Number of the line the next write to log $1 starts (the logs are appended across attempts).
 next_line() { echo $(( $(wc -l 2>/dev/null <"$1" || echo 0) + 1 )); }
 
-# True if log $1, from line $2 on (this attempt's part), says a port was already taken.
-bind_failed() { tail -n +"$2" "$1" 2>/dev/null | grep -q "address already in use"; }
+# Server $1 exited while starting. Returns 3 when its log $2, from line $3 on (this attempt's
+# part), says a port was taken meanwhile (the caller retries); otherwise shows the log and dies.
+start_failed() {
+  if tail -n +"$3" "$2" 2>/dev/null | grep -q "address already in use"; then
+    log "$1: a port was taken meanwhile; retrying with other ports"
+    return 3
+  fi
+  tail_log "$2"
+  die "$1 exited during start-up (log $2)"
+}
 
 # One attempt to start etcd + kube-apiserver on fresh ports. Returns 3 when a port was taken by
 # someone else in the meantime (the caller retries), dies on any other failure.
@@ -208,14 +216,7 @@ start_once() {
 
   waited=0
   until curl -fsS --max-time 2 "http://127.0.0.1:$ep/health" 2>/dev/null | grep -q '"health":"true"'; do
-    if [[ -z "$(etcd_pid)" ]]; then
-      if bind_failed "$ETCD_LOG" "$from"; then
-        log "etcd: a port was taken meanwhile; retrying with other ports"
-        return 3
-      fi
-      tail_log "$ETCD_LOG"
-      die "etcd exited during start-up (log $ETCD_LOG)"
-    fi
+    [[ -n "$(etcd_pid)" ]] || { start_failed etcd "$ETCD_LOG" "$from"; return; }
     (( waited < TIMEOUT * 4 )) || { tail_log "$ETCD_LOG"; die "etcd not healthy after ${TIMEOUT}s (log $ETCD_LOG)"; }
     sleep 0.25
     waited=$((waited + 1))
@@ -255,14 +256,7 @@ start_once() {
     code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 --cacert "$CERTS/ca.crt" \
       -H "Authorization: Bearer $token" "https://127.0.0.1:$ap/readyz" 2>/dev/null || true)
     [[ "$code" == 200 ]] && break
-    if [[ -z "$(api_pid)" ]]; then
-      if bind_failed "$API_LOG" "$from"; then
-        log "kube-apiserver: port $ap was taken meanwhile; retrying with other ports"
-        return 3
-      fi
-      tail_log "$API_LOG"
-      die "kube-apiserver exited during start-up (log $API_LOG)"
-    fi
+    [[ -n "$(api_pid)" ]] || { start_failed kube-apiserver "$API_LOG" "$from"; return; }
     if (( waited >= TIMEOUT * 4 )); then
       tail_log "$API_LOG"
       die "kube-apiserver not ready after ${TIMEOUT}s (last /readyz status: ${code:-none}; log $API_LOG)"

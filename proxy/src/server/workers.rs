@@ -33,8 +33,9 @@ pub struct Workers {
 impl Workers {
     /// Starts `threads` session threads (at least one).
     pub fn start(threads: usize) -> io::Result<Workers> {
-        let mut workers = Vec::with_capacity(threads.max(1));
-        for i in 0..threads.max(1) {
+        let threads = threads.max(1);
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
