@@ -31,7 +31,7 @@ Usage: $PROG [options]
                       1000,10000; each lowered, with a warning, to what the fd limit allows)
   --clients LIST      busy client processes, comma-separated: one busy test per count
                       (default 1,8: one client alone, then 8 that saturate a 2-core machine)
-  --round-trips M     busy test: A -> B -> A round trips per client count (default 50)
+  --round-trips M     busy test: A -> B -> A round trips per client count (default 150)
   --baseline S        busy test: seconds measured without migrations first (default 10)
   --dwell S           busy test: seconds between a completed move and the next push (default 0.5)
   --quick             smoke test: --sessions 200 --round-trips 5 --baseline 3 (explicit options win)
@@ -87,7 +87,7 @@ done
 if (( QUICK )); then
   : "${SESSIONS:=200}" "${ROUND_TRIPS:=5}" "${BASELINE:=3}"
 fi
-: "${SESSIONS:=1000,10000}" "${ROUND_TRIPS:=50}" "${BASELINE:=10}"
+: "${SESSIONS:=1000,10000}" "${ROUND_TRIPS:=150}" "${BASELINE:=10}"
 for v in ROUND_TRIPS GRACEFUL_WAIT FIRST PORT PROCS; do
   [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -gt 0 ]] || die "--${v,,} must be a positive integer, got '${!v}'"
 done

@@ -807,6 +807,19 @@ def f(x, spec=".2f", none="-"):
     return none if x is None else format(x, spec)
 
 
+def per_move_ms(r, who):
+    """CPU milliseconds a process spent per migration during a drain."""
+    cpu = r["cpu_seconds"].get(who)
+    return None if cpu is None else cpu * 1000 / r["sessions"]
+
+
+def cpu_floor_s(r):
+    """The least time this machine could have taken for a drain: the CPU the proxy and both
+    TiDB servers used for it, spread perfectly over every core."""
+    cpu = r["cpu_seconds"].values()
+    return None if None in cpu else sum(cpu) / (os.cpu_count() or 1)
+
+
 def ms(x):
     return "-" if x is None else (f"{x * 1000:.1f}" if x < 10 else f"{x * 1000:.0f}")
 
@@ -841,14 +854,18 @@ def cmd_report(args):
             print(f"### Idle sessions, {title}")
             print()
             print("Times in seconds from the push / the signal; /metrics polled every "
-                  f"{args.poll * 1000:.0f} ms (gauge refreshed every 20 ms).")
+                  f"{args.poll * 1000:.0f} ms (gauge refreshed every 20 ms). *CPU ms per move*: "
+                  "CPU time of the proxy, the source TiDB and the target TiDB during the drain, "
+                  "divided by the sessions. *CPU floor*: their CPU time together divided by the "
+                  f"{os.cpu_count()} cores, the shortest drain this machine allows.")
             print()
             hdr = ["sessions", "from -> to"]
             if kind == "sigterm":
                 hdr.append("unroutable")
             hdr += ["first move", "**source empty**", "target = N (proxy)", "target >= N (TiDB)",
                     "migrations ok / failed", "migrate p50 / p99 / max-bucket (ms)",
-                    "alive after", "on target", "proxy CPU-s"]
+                    "alive after", "on target", "CPU ms per move: proxy / src / dst",
+                    "CPU floor (s)"]
             out = []
             for r in sel:
                 p = r["proxy"]
@@ -864,7 +881,8 @@ def cmd_report(args):
                                            " (" + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ")"),
                         f"{ms(q.get('p50'))} / {ms(q.get('p99'))} / <= {ms(p['duration_hist_max_le_s'])}",
                         f"{r['alive']}/{r['sessions']}", f"{r['on_target']}",
-                        f(r["cpu_seconds"].get("proxy"), ".1f")]
+                        " / ".join(f(per_move_ms(r, k), ".2f") for k in ("proxy", r["from"], r["to"])),
+                        f(cpu_floor_s(r), ".1f")]
                 out.append(row)
             table(hdr, out)
             print()

@@ -7,7 +7,7 @@
 # Linux routes all of 127.0.0.0/8 to lo, so no set-up is needed. i is 1..244.
 #
 # Every instance of one DIR shares the session-token signing cert/key DIR/session-cert.pem,
-# DIR/session-key.pem (RSA 2048, sha256WithRSA), so sessions can migrate between them; accepts
+# DIR/session-key.pem (ECDSA P-256, ecdsa-with-SHA256), so sessions can migrate between them; accepts
 # PROXY protocol v1/v2 headers from any address but also plain connections
 # ([proxy-protocol] networks="*", fallbackable=true); drains for graceful-wait-before-shutdown
 # seconds on SIGTERM, during which GET /status answers 500. Each instance is a separate volatile
