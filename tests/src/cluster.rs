@@ -29,7 +29,7 @@ pub fn scripts_dir() -> PathBuf {
 
 /// How many instance numbers the migration tests use: offsets `0..MIGRATION_BLOCK` of
 /// [`migration_instance`].
-pub const MIGRATION_BLOCK: u32 = 17;
+pub const MIGRATION_BLOCK: u32 = 19;
 
 /// TiDB instance number `offset` of this process's block for the migration tests. The block
 /// starts at `TIPROXY_MIGRATION_FIRST` when set, else at the first of 51, 68, 85, ... whose
@@ -146,6 +146,7 @@ pub struct TidbCluster {
     instances: Vec<u32>,
     graceful_wait: u32,
     persistent: bool,
+    tls: bool,
     // Dropped after the servers are stopped (fields drop in order, after Drop::drop).
     dir: TempDir,
 }
@@ -155,6 +156,22 @@ impl TidbCluster {
     /// `persistent` keeps their data across restarts (`tidb.sh --persistent`). Waits until
     /// every instance serves SQL.
     pub async fn start(first: u32, n: u32, graceful_wait: u32, persistent: bool) -> TidbCluster {
+        Self::launch(first, n, graceful_wait, persistent, false).await
+    }
+
+    /// Like [`TidbCluster::start`] (volatile data), but every instance also serves TLS on its
+    /// SQL port with a cert for its IP signed by [`TidbCluster::tls_ca`] (`tidb.sh --tls`).
+    pub async fn start_tls(first: u32, n: u32, graceful_wait: u32) -> TidbCluster {
+        Self::launch(first, n, graceful_wait, false, true).await
+    }
+
+    async fn launch(
+        first: u32,
+        n: u32,
+        graceful_wait: u32,
+        persistent: bool,
+        tls: bool,
+    ) -> TidbCluster {
         let instances: Vec<u32> = (first..first + n).collect();
         for &i in &instances {
             assert!(
@@ -167,6 +184,7 @@ impl TidbCluster {
             instances,
             graceful_wait,
             persistent,
+            tls,
             dir: TempDir::new("tiproxy-tidb"),
         };
         let mut args = cluster.common_args();
@@ -186,11 +204,20 @@ impl TidbCluster {
         if self.persistent {
             args.push("--persistent".into());
         }
+        if self.tls {
+            args.push("--tls".into());
+        }
         args
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The CA that signed every instance's TLS cert (clusters of [`TidbCluster::start_tls`]).
+    pub fn tls_ca(&self) -> PathBuf {
+        assert!(self.tls, "this cluster was started without TLS");
+        self.dir().join("tls-ca.pem")
     }
 
     /// The instance numbers, ascending.

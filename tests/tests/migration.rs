@@ -2,7 +2,9 @@
 //! test bed): (a) scale-out, (b) scale-in through a graceful TiDB shutdown, (c) transactions
 //! that hold a session on a draining TiDB (and the "hold BEGIN" move), (d) discovery through a
 //! real etcd, (e) a rolling restart under load, (f) sessions TiDB refuses to export (temporary
-//! tables), (g) the push API, (h) scale-out while both sessions are inside a transaction.
+//! tables), (g) the push API, (h) scale-out while both sessions are inside a transaction,
+//! (i) TLS, PROXY header, users and connect attributes of the re-made connection, and a cursor
+//! that holds its session until exhausted.
 //!
 //! Every test asserts that the clients never see an error and that each session keeps its
 //! state across the move: session variables, a user variable, the current database, a
@@ -1178,5 +1180,235 @@ async fn h_scale_out_waits_for_open_transactions() {
     let s = proxy.backends().await;
     assert_eq!((s.sessions(&t1), s.sessions(&t2)), (1, 1), "{:#}", s.json);
     assert_migrations_succeeded(&proxy, 1.0).await;
+    assert_no_session_errors(&proxy);
+}
+
+// ---- (i) how the connection is re-made ------------------------------------------------------
+
+/// What TiDB shows about the connection a session runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConnSeen {
+    user: String,
+    /// `Ssl_cipher` of the proxy-to-TiDB connection; empty without TLS.
+    backend_cipher: String,
+    attrs: BTreeMap<String, String>,
+}
+
+async fn conn_seen(conn: &mut Conn, what: &str) -> ConnSeen {
+    let user: String = conn
+        .query_first("SELECT CURRENT_USER()")
+        .await
+        .unwrap_or_else(|e| panic!("{what}: CURRENT_USER(): {e}"))
+        .expect("a row");
+    let cipher: Option<(String, String)> = conn
+        .query_first("SHOW STATUS LIKE 'Ssl_cipher'")
+        .await
+        .unwrap_or_else(|e| panic!("{what}: Ssl_cipher: {e}"));
+    let attrs: Vec<(String, String)> = conn
+        .query(
+            "SELECT ATTR_NAME, ATTR_VALUE FROM performance_schema.session_connect_attrs \
+             WHERE PROCESSLIST_ID = CONNECTION_ID()",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{what}: session_connect_attrs: {e}"));
+    ConnSeen {
+        user,
+        backend_cipher: cipher.map(|(_, v)| v).unwrap_or_default(),
+        attrs: attrs.into_iter().collect(),
+    }
+}
+
+/// Asserts that TiDB sees the raw client's own address, 127.0.0.9, through the PROXY header.
+async fn assert_seen_from_9(conn: &mut RawConn, when: &str) {
+    let host = conn
+        .query("SELECT HOST FROM INFORMATION_SCHEMA.PROCESSLIST WHERE ID = CONNECTION_ID()")
+        .await
+        .unwrap_or_else(|e| panic!("processlist {when}: {e}"));
+    assert!(
+        host[0][0]
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("127.0.0.9:"),
+        "{when}: TiDB should see the client's own address: {host:?}"
+    );
+}
+
+/// A move re-makes the backend connection by the rules of the client's first one, against
+/// TiDBs that serve TLS: a TLS client gets a TLS backend leg verified with the configured CA
+/// and a plain client a plain one; the PROXY header carries the client's own address; the
+/// password user, the user after COM_CHANGE_USER and the connect attributes stay; compression
+/// on the client leg goes on working. A session with an open cursor stays until the cursor is
+/// exhausted, then moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_move_remakes_tls_proxy_header_user_and_attributes() {
+    let _slot = slot(1).await;
+    let tidb = TidbCluster::start_tls(migration_instance(17), 2, 5).await;
+    create_schema(&tidb).await;
+    tidb.run_on_all(&[
+        "CREATE USER IF NOT EXISTS 'mig_pw'@'%' IDENTIFIED BY 'pw-one'",
+        "GRANT ALL ON mig.* TO 'mig_pw'@'%'",
+        "CREATE USER IF NOT EXISTS 'mig_other'@'%' IDENTIFIED BY 'pw-two'",
+        "GRANT SELECT ON mig.* TO 'mig_other'@'%'",
+        "GRANT SELECT ON performance_schema.* TO 'mig_pw'@'%', 'mig_other'@'%'",
+        "GRANT PROCESS ON *.* TO 'mig_pw'@'%', 'mig_other'@'%'",
+        "CREATE TABLE IF NOT EXISTS mig.five (id INT PRIMARY KEY)",
+        "REPLACE INTO mig.five VALUES (1), (2), (3), (4), (5)",
+    ])
+    .await;
+    let (t1, t2) = (tidb.addr(0), tidb.addr(1));
+    let proxy = Proxy::start(&format!(
+        "[proxy]\nconnect-timeout = 5\nproxy-protocol = \"v2\"\n[health]\ninterval = 0.5\n\
+         [security.server-tls]\nauto-certs = true\n[security.sql-tls]\nca = \"{}\"\n",
+        tidb.tls_ca().display()
+    ));
+    push_and_wait_healthy(&proxy, 1, &[Pushed::tidb(&tidb, 0)]).await;
+
+    // TLS and zlib compression on the client leg, a password user, connect attributes.
+    let attrs = std::collections::HashMap::from([("mig_test".to_string(), "i".to_string())]);
+    let mut tls_client = connect(
+        proxy
+            .opts("mig_pw", Some("pw-one"))
+            .db_name(Some(DB))
+            .ssl_opts(insecure_ssl())
+            .compression(mysql_async::Compression::fast())
+            .connect_attributes(attrs),
+        "TLS client",
+    )
+    .await;
+    tls_client
+        .query_drop("SET @uv = 'tls'")
+        .await
+        .expect("SET @uv");
+    let tls_before = conn_seen(&mut tls_client, "TLS client").await;
+    assert_eq!(tls_before.user, "mig_pw@%");
+    assert!(
+        !tls_before.backend_cipher.is_empty(),
+        "a TLS client gets a TLS backend leg: {tls_before:?}"
+    );
+    assert_eq!(
+        tls_before.attrs.get("mig_test").map(String::as_str),
+        Some("i")
+    );
+
+    // A plain client that changed its user with COM_CHANGE_USER.
+    let mut plain_client = connect(proxy.opts("root", None), "plain client").await;
+    plain_client
+        .change_user(
+            mysql_async::ChangeUserOpts::default()
+                .with_user(Some("mig_other".into()))
+                .with_pass(Some("pw-two".into()))
+                .with_db_name(Some(DB.into())),
+        )
+        .await
+        .expect("COM_CHANGE_USER to mig_other");
+    let plain_before = conn_seen(&mut plain_client, "plain client").await;
+    assert_eq!(plain_before.user, "mig_other@%");
+    assert_eq!(
+        plain_before.backend_cipher, "",
+        "a plain client gets a plain backend leg"
+    );
+
+    // A raw client from its own address, with a cursor open on five rows.
+    let from_9 = ConnectOptions {
+        bind: Some("127.0.0.9".parse().unwrap()),
+        database: Some(DB.into()),
+        ..ConnectOptions::root()
+    };
+    let mut cursor_client = RawConn::connect(proxy.addr(), &from_9)
+        .await
+        .unwrap_or_else(|e| panic!("cursor client: connect: {e}"));
+    assert_seen_from_9(&mut cursor_client, "before the move").await;
+    let (stmt, _, _) = cursor_client
+        .prepare("SELECT id FROM five ORDER BY id")
+        .await
+        .expect("prepare");
+    let (cols, _) = cursor_client
+        .execute_cursor(stmt)
+        .await
+        .expect("open the cursor");
+    let first = cursor_client.fetch(stmt, 2, &cols).await.expect("fetch 2");
+    assert_eq!(
+        first.rows,
+        vec![vec![Some("1".into())], vec![Some("2".into())]]
+    );
+
+    push_and_wait_healthy(
+        &proxy,
+        2,
+        &[Pushed::tidb(&tidb, 0).draining(), Pushed::tidb(&tidb, 1)],
+    )
+    .await;
+    proxy
+        .wait_backends(
+            "both mysql_async sessions moved, the cursor's stayed",
+            Duration::from_secs(10),
+            |s| s.sessions(&t1) == 1 && s.sessions(&t2) == 2,
+        )
+        .await;
+    for (conn, before, what) in [
+        (&mut tls_client, &tls_before, "TLS client"),
+        (&mut plain_client, &plain_before, "plain client"),
+    ] {
+        assert_eq!(
+            serving_tidb(conn).await.expect("instance"),
+            t2,
+            "{what} moved"
+        );
+        let after = conn_seen(conn, what).await;
+        assert_eq!(after.user, before.user, "{what}: user after the move");
+        assert_eq!(
+            after.backend_cipher.is_empty(),
+            before.backend_cipher.is_empty(),
+            "{what}: TLS on the backend leg after the move ({after:?})"
+        );
+        assert_eq!(after.attrs, before.attrs, "{what}: connect attributes");
+    }
+    let uv: Option<String> = tls_client.query_first("SELECT @uv").await.expect("@uv");
+    assert_eq!(uv.as_deref(), Some("tls"));
+    // A compressed result of several packets still decodes on the client.
+    let long: Vec<String> = tls_client
+        .query("SELECT REPEAT(CONCAT('row', id), 20000) FROM five")
+        .await
+        .expect("a compressed result");
+    assert_eq!(long.len(), 5);
+    assert!(long[4].starts_with("row5row5") && long[4].len() == 80_000);
+
+    // The cursor's session waits on the draining TiDB while the cursor is open ...
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        proxy.backends().await.sessions(&t1),
+        1,
+        "an open cursor pins the session"
+    );
+    let rest = cursor_client
+        .fetch(stmt, 10, &cols)
+        .await
+        .expect("fetch the rest");
+    assert_eq!(
+        rest.rows,
+        vec![
+            vec![Some("3".into())],
+            vec![Some("4".into())],
+            vec![Some("5".into())]
+        ]
+    );
+    // ... and moves once it is exhausted, still with the client's own address.
+    proxy
+        .wait_backends(
+            "the cursor's session moved after its last row",
+            Duration::from_secs(10),
+            |s| s.sessions(&t1) == 0 && s.sessions(&t2) == 3,
+        )
+        .await;
+    let inst = cursor_client
+        .query("SELECT instance FROM information_schema.cluster_info WHERE type = 'tidb'")
+        .await
+        .expect("instance");
+    assert_eq!(inst[0][0].as_deref(), Some(t2.as_str()));
+    assert_seen_from_9(&mut cursor_client, "after the move").await;
+    let again = cursor_client.execute(stmt).await.expect("re-execute");
+    assert_eq!(again.len(), 5, "the statement survived the move: {again:?}");
+
+    assert_migrations_succeeded(&proxy, 3.0).await;
     assert_no_session_errors(&proxy);
 }
