@@ -250,11 +250,13 @@ cmd_start() {
     --initial-cluster-state new \
     --initial-cluster-token "tiproxy-test-$PORT" \
     </dev/null >>"$LOGFILE" 2>&1 &
-  echo $! > "$PIDFILE"
+  pid=$!
+  echo "$pid" > "$PIDFILE"
 
   waited=0
   while ! healthy; do
-    if [[ -z "$(running_pid)" ]]; then
+    # by pid, not running_pid: until the child has exec'd etcd its command line is the shell's
+    if ! alive "$pid"; then
       tail_log "$LOGFILE"
       die "etcd exited during start-up (log $LOGFILE)"
     fi

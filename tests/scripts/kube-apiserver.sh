@@ -183,10 +183,13 @@ start_failed() {
   die "$1 exited during start-up (log $2)"
 }
 
-# One attempt to start etcd + kube-apiserver on fresh ports. Returns 3 when a port was taken by
+# One attempt to start etcd + kube-apiserver on fresh ports. While a server starts, it is checked
+# by its pid alone (alive), not with etcd_pid/api_pid: until the forked child has exec'd the
+# server, its command line is still this shell's, so the pattern would not match yet and a busy
+# machine would see a server that "exited during start-up". Returns 3 when a port was taken by
 # someone else in the meantime (the caller retries), dies on any other failure.
 start_once() {
-  local etcd=$1 apiserver=$2 token=$3 ep pp ap waited code from
+  local etcd=$1 apiserver=$2 token=$3 ep pp ap waited code from pid
   ep=$(free_port) || die "no free port for etcd"
   pp=$(free_port "$ep") || die "no free port for etcd's peer URL"
   ap=$(free_port "$ep" "$pp") || die "no free port for kube-apiserver"
@@ -212,11 +215,12 @@ start_once() {
     --quota-backend-bytes $((1024 * 1024 * 1024)) \
     --log-level warn \
     </dev/null >>"$ETCD_LOG" 2>&1 &
-  echo $! >"$ETCD_PID"
+  pid=$!
+  echo "$pid" >"$ETCD_PID"
 
   waited=0
   until curl -fsS --max-time 2 "http://127.0.0.1:$ep/health" 2>/dev/null | grep -q '"health":"true"'; do
-    [[ -n "$(etcd_pid)" ]] || { start_failed etcd "$ETCD_LOG" "$from"; return; }
+    alive "$pid" || { start_failed etcd "$ETCD_LOG" "$from"; return; }
     (( waited < TIMEOUT * 4 )) || { tail_log "$ETCD_LOG"; die "etcd not healthy after ${TIMEOUT}s (log $ETCD_LOG)"; }
     sleep 0.25
     waited=$((waited + 1))
@@ -249,14 +253,15 @@ start_once() {
     --profiling=false \
     --v 1 \
     </dev/null >>"$API_LOG" 2>&1 &
-  echo $! >"$API_PID"
+  pid=$!
+  echo "$pid" >"$API_PID"
 
   waited=0
   while :; do
     code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 --cacert "$CERTS/ca.crt" \
       -H "Authorization: Bearer $token" "https://127.0.0.1:$ap/readyz" 2>/dev/null || true)
     [[ "$code" == 200 ]] && break
-    [[ -n "$(api_pid)" ]] || { start_failed kube-apiserver "$API_LOG" "$from"; return; }
+    alive "$pid" || { start_failed kube-apiserver "$API_LOG" "$from"; return; }
     if (( waited >= TIMEOUT * 4 )); then
       tail_log "$API_LOG"
       die "kube-apiserver not ready after ${TIMEOUT}s (last /readyz status: ${code:-none}; log $API_LOG)"
