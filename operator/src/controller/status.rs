@@ -365,6 +365,15 @@ mod tests {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("time"))
     }
 
+    /// What the reconciler observed: the Deployment and, in selector mode, a topology report.
+    fn observed<'a>(d: &'a Deployment, r: Option<&'a TopologyReport>) -> Observed<'a> {
+        Observed {
+            deployment: Some(d),
+            report: r,
+            render_error: None,
+        }
+    }
+
     fn cond<'a>(s: &'a TiProxyStatus, t: &str) -> &'a Condition {
         s.conditions
             .iter()
@@ -377,15 +386,7 @@ mod tests {
         let tp = tiproxy(false);
         let d = deployment(2, 2, 2, true);
         let r = report([Some(7), Some(7)], vec![]);
-        let s = compute(
-            &tp,
-            &Observed {
-                deployment: Some(&d),
-                report: Some(&r),
-                render_error: None,
-            },
-            now(),
-        );
+        let s = compute(&tp, &observed(&d, Some(&r)), now());
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(
             (s.replicas, s.ready_replicas, s.updated_replicas),
@@ -431,15 +432,7 @@ mod tests {
                 },
             ],
         );
-        let s = compute(
-            &tp,
-            &Observed {
-                deployment: Some(&d),
-                report: Some(&r),
-                render_error: None,
-            },
-            now(),
-        );
+        let s = compute(&tp, &observed(&d, Some(&r)), now());
         assert_eq!(cond(&s, READY).reason, "ProxiesNotReady");
         assert_eq!(cond(&s, PROGRESSING).status, "True");
         let synced = cond(&s, BACKENDS_SYNCED);
@@ -463,14 +456,7 @@ mod tests {
     fn stale_deployment_status_is_progressing() {
         let tp = tiproxy(false);
         let d = deployment(2, 2, 2, false);
-        let s = compute(
-            &tp,
-            &Observed {
-                deployment: Some(&d),
-                ..Default::default()
-            },
-            now(),
-        );
+        let s = compute(&tp, &observed(&d, None), now());
         assert_eq!(cond(&s, PROGRESSING).reason, "RollingOut");
         assert_eq!(cond(&s, BACKENDS_SYNCED).reason, "Watching");
         assert_eq!(cond(&s, READY).reason, "NoActiveBackends");
@@ -480,14 +466,7 @@ mod tests {
     fn pd_mode_needs_no_pushes() {
         let tp = tiproxy(true);
         let d = deployment(2, 2, 2, true);
-        let s = compute(
-            &tp,
-            &Observed {
-                deployment: Some(&d),
-                ..Default::default()
-            },
-            now(),
-        );
+        let s = compute(&tp, &observed(&d, None), now());
         assert_eq!(cond(&s, READY).status, "True");
         assert_eq!(cond(&s, BACKENDS_SYNCED).reason, "DiscoveredFromPD");
         assert!(s.active_backends.is_none() && s.backends.is_empty());
@@ -523,15 +502,7 @@ mod tests {
         assert_eq!(first, second, "nothing changed: identical status, no write");
         let d = deployment(2, 2, 2, true);
         let r = report([Some(7), Some(7)], vec![]);
-        let third = compute(
-            &tp,
-            &Observed {
-                deployment: Some(&d),
-                report: Some(&r),
-                render_error: None,
-            },
-            later.clone(),
-        );
+        let third = compute(&tp, &observed(&d, Some(&r)), later.clone());
         assert_eq!(cond(&third, READY).last_transition_time, later);
         assert_eq!(
             cond(&third, DEGRADED).last_transition_time,
