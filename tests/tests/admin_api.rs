@@ -85,17 +85,11 @@ async fn put(proxy: &Proxy, authorization: Option<&str>, body: &str) -> (u16, St
 
 /// The pushed generation and the backend addresses, read without a token.
 async fn backend_set(proxy: &Proxy) -> (Option<u64>, Vec<String>) {
-    let (code, body) = http(proxy.api_addr(), "GET", "/api/v1/backends", None, None).await;
-    assert_eq!(code, 200, "GET /api/v1/backends without a token: {body}");
-    let json: Json = serde_json::from_str(&body)
-        .unwrap_or_else(|e| panic!("GET /api/v1/backends is not JSON ({e}): {body}"));
-    let addrs = json["backends"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no `backends` array: {body}"))
-        .iter()
-        .filter_map(|b| b["addr"].as_str().map(str::to_owned))
-        .collect();
-    (json["generation"].as_u64(), addrs)
+    let state = proxy.backends().await;
+    (
+        state.generation,
+        state.backends.into_iter().map(|b| b.addr).collect(),
+    )
 }
 
 /// Health state (`healthy`, `unknown`, ...) of `addr` in `GET /api/v1/backends`.
