@@ -146,6 +146,14 @@ find_binary() {
   echo "$b"
 }
 
+# A self-signed ECDSA P-256 cert for CN $1: key $2, cert $3, each written whole or not at all.
+new_self_signed() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 -days 3650 \
+    -subj "/CN=$1" -keyout "$2.tmp" -out "$3.tmp" 2>/dev/null || return 1
+  mv -f "$2.tmp" "$2"
+  mv -f "$3.tmp" "$3"
+}
+
 ensure_signing_cert() {
   local cert="$DIR/session-cert.pem" key="$DIR/session-key.pem"
   [[ -s "$cert" && -s "$key" ]] && return 0
@@ -157,11 +165,7 @@ ensure_signing_cert() {
       log "generating session-token signing cert $cert"
       # ECDSA P-256: TiDB signs a session token on every migration, and an ECDSA signature
       # costs a fraction of an RSA-2048 one.
-      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 -days 3650 \
-        -subj /CN=tiproxy-tidb-session \
-        -keyout "$key.tmp" -out "$cert.tmp" 2>/dev/null || die "openssl failed to create the signing cert"
-      mv -f "$key.tmp" "$key"
-      mv -f "$cert.tmp" "$cert"
+      new_self_signed tiproxy-tidb-session "$key" "$cert" || die "openssl failed to create the signing cert"
     fi
   ) 9>"$DIR/.cert.lock"
 }
@@ -177,11 +181,7 @@ ensure_tls_cert() {
     if command -v flock >/dev/null; then flock 9; fi
     if [[ ! -s "$ca" || ! -s "$ca_key" ]]; then
       log "generating TLS CA $ca"
-      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 -days 3650 \
-        -subj /CN=tiproxy-tidb-test-ca -keyout "$ca_key.tmp" -out "$ca.tmp" 2>/dev/null \
-        || die "openssl failed to create the TLS CA"
-      mv -f "$ca_key.tmp" "$ca_key"
-      mv -f "$ca.tmp" "$ca"
+      new_self_signed tiproxy-tidb-test-ca "$ca_key" "$ca" || die "openssl failed to create the TLS CA"
     fi
     if ! openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
         -subj "/CN=$ip" -keyout "$key.tmp" -out "$cert.csr" 2>/dev/null; then
